@@ -1,0 +1,142 @@
+"""The public fused sampler step: ``fastdiff.ops.fused_step``.
+
+Registered as the ``torch.library`` custom op ``fastdiff::fused_step`` (with a fake implementation), so it can be
+called inside ``torch.compile``-d code and captured in CUDA graphs. The math is in :mod:`fastdiff.schedulers.plan`;
+backends are chosen by :mod:`fastdiff.ops.dispatch`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdiff.errors import InvalidInput
+from fastdiff.ops.dispatch import resolve
+from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF
+
+
+@torch.library.custom_op("fastdiff::fused_step", mutates_args=("out", "hist", "saved", "next_in", "flag"))
+def _fused_step_op(
+    model_out: torch.Tensor,
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+    guidance_scale: float,
+    cfg: bool,
+    hist: torch.Tensor | None,
+    saved: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    next_in: torch.Tensor | None,
+    m_scale: torch.Tensor | None,
+    clip_range: float | None,
+    x0_limit: torch.Tensor | None,
+    flag: torch.Tensor | None,
+    backend: str,
+) -> None:
+    resolve(backend, x).launch_fn()(
+        model_out, x, coef, out, guidance_scale, cfg, hist, saved, noise, next_in, m_scale, clip_range, x0_limit,
+        flag,
+    )
+
+
+@_fused_step_op.register_fake
+def _(model_out, x, coef, out, guidance_scale, cfg, hist, saved, noise, next_in, m_scale, clip_range, x0_limit,
+      flag, backend):
+    return None
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InvalidInput(msg)
+
+
+def _validate(model_out, x, coef, out, cfg, hist, saved, noise, next_in, m_scale, x0_limit, flag) -> None:
+    batch, rest = x.shape[0], tuple(x.shape[1:])
+    want_m = (2 * batch if cfg else batch,) + rest
+    _check(x.dim() >= 1 and x.numel() > 0, f"x must be a non-empty (B, ...) tensor, got shape {tuple(x.shape)}")
+    _check(tuple(model_out.shape) == want_m,
+           f"model_out must have shape {want_m} ({'2B for CFG, unconditional half first' if cfg else 'B'}), "
+           f"got {tuple(model_out.shape)}")
+    named = {"x": x, "model_out": model_out, "out": out, "noise": noise, "saved": saved, "next_in": next_in,
+             "hist": hist}
+    for name, t in named.items():
+        if t is None:
+            continue
+        _check(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}; move all tensors to one device")
+        _check(t.dtype == x.dtype, f"{name} has dtype {t.dtype} but x has {x.dtype}; use one dtype for all tensors")
+    for name, t in (("out", out), ("noise", noise), ("saved", saved)):
+        if t is not None:
+            _check(tuple(t.shape) == tuple(x.shape), f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if next_in is not None:
+        _check(tuple(next_in.shape) == want_m, f"next_in must have shape {want_m}, got {tuple(next_in.shape)}")
+    if hist is not None:
+        want_h = (HIST_SLOTS,) + tuple(x.shape)
+        _check(tuple(hist.shape) == want_h, f"hist must have shape {want_h}, got {tuple(hist.shape)}")
+    _check(coef.shape == (NCOEF,), f"coef must be one coefficient row of shape ({NCOEF},), got {tuple(coef.shape)}")
+    _check(coef.device == x.device, f"coef is on {coef.device} but x is on {x.device}")
+    _check(coef.dtype == torch.float32, f"coef must be float32, got {coef.dtype}")
+    for name, t in (("m_scale", m_scale), ("x0_limit", x0_limit)):
+        if t is not None:
+            _check(t.shape == (batch,) and t.dtype == torch.float32 and t.device == x.device,
+                   f"{name} must be a float32 ({batch},) tensor on {x.device}, got {t.dtype} {tuple(t.shape)} "
+                   f"on {t.device}")
+    if flag is not None:
+        _check(flag.dim() == 1 and flag.dtype == torch.int32 and flag.device == x.device,
+               f"flag must be a 1-D int32 tensor on {x.device}")
+
+
+def fused_step(
+    model_out: torch.Tensor,
+    x: torch.Tensor,
+    coef: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    guidance_scale: float = 1.0,
+    cfg: bool = False,
+    hist: torch.Tensor | None = None,
+    saved: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    next_in: torch.Tensor | None = None,
+    m_scale: torch.Tensor | None = None,
+    clip_range: float | None = None,
+    x0_limit: torch.Tensor | None = None,
+    flag: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One fused sampler step: CFG + x0 prediction + clamp + linear update + history / next-input writes.
+
+    Args:
+        model_out: (2B, *S) model output with ``cfg`` (unconditional half first), else (B, *S).
+        x: (B, *S) current sample.
+        coef: (NCOEF,) float32 coefficient row on x's device (``plan.device_table(dev)[i]``).
+        out: (B, *S) where the next sample goes (may be ``x`` itself); allocated when None.
+        hist: (HIST_SLOTS, B, *S) ring of earlier x0 predictions, zero-initialised, updated in place.
+        saved: (B, *S) UniPC's last-sample buffer, updated in place.
+        noise: (B, *S) standard normal noise for ancestral steps.
+        next_in: (2B or B, *S) receives the next model input ``out * IN_NEXT`` (both CFG halves).
+        m_scale: (B,) per-sample factor on the guided output (guidance rescale).
+        clip_range / x0_limit: clip x0 to [-r, r], or per-sample dynamic thresholding limits (B,).
+        flag: (num_steps,) int32; ``flag[step]`` is set to 1 when the step writes a non-finite value.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
+
+    Returns ``out``. Non-contiguous inputs are copied; non-contiguous outputs are written through a temporary.
+    """
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _validate(model_out, x, coef, out, cfg, hist, saved, noise, next_in, m_scale, x0_limit, flag)
+    if not (guidance_scale == guidance_scale and abs(guidance_scale) != float("inf")):
+        raise InvalidInput(f"guidance_scale must be finite, got {guidance_scale}")
+
+    def contig(t):
+        return None if t is None else t.contiguous()
+
+    writable = {"out": out, "hist": hist, "saved": saved, "next_in": next_in, "flag": flag}
+    temps = {k: (v if v is None or v.is_contiguous() else v.contiguous()) for k, v in writable.items()}
+    _fused_step_op(
+        contig(model_out), contig(x), contig(coef), temps["out"], float(guidance_scale), bool(cfg), temps["hist"],
+        temps["saved"], contig(noise), temps["next_in"], contig(m_scale),
+        None if clip_range is None else float(clip_range), contig(x0_limit), temps["flag"], backend,
+    )
+    for k, v in writable.items():
+        if v is not None and temps[k] is not v:
+            v.copy_(temps[k])
+    return out
