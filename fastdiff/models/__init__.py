@@ -1,0 +1,1 @@
+"""Models that ship inside fastdiff (``"digits"``, ``"digits-onestep"``) and label conditioning."""
