@@ -65,7 +65,8 @@ def _validate(model_out, x, coef, out, cfg, hist, saved, noise, next_in, m_scale
         _check(t.dtype == x.dtype, f"{name} has dtype {t.dtype} but x has {x.dtype}; use one dtype for all tensors")
     for name, t in (("out", out), ("noise", noise), ("saved", saved)):
         if t is not None:
-            _check(tuple(t.shape) == tuple(x.shape), f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+            _check(tuple(t.shape) == tuple(x.shape),
+                   f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
     if next_in is not None:
         _check(tuple(next_in.shape) == want_m, f"next_in must have shape {want_m}, got {tuple(next_in.shape)}")
     if hist is not None:

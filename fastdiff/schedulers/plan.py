@@ -132,4 +132,18 @@ class StepPlan:
         """The coefficient table as a float32 tensor on ``device`` (moved once per sampling call)."""
         import torch
 
-        return torch.as_tensor(self.coefs, dtype=dtype or torch.float32).to(device)
+        host = torch.as_tensor(self.coefs, dtype=dtype or torch.float32)
+        device = torch.device(device)
+        if device.type == "cuda":  # pinned + non_blocking: the upload does not synchronize the host
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+
+    def device_timesteps(self, device):
+        """The timesteps as a float32 tensor on ``device`` (what the model is called with)."""
+        import torch
+
+        host = torch.as_tensor(self.timesteps, dtype=torch.float32)
+        device = torch.device(device)
+        if device.type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)

@@ -1,0 +1,81 @@
+"""Benchmark session plumbing: environment facts in every result, and a ratio table written at the end.
+
+Run: ``pytest benches/bench_step.py --benchmark-only`` (add ``--benchmark-json=...`` to keep raw numbers).
+At session end a markdown table of ratios (competitor median / fastdiff median, measured in the same run) goes to
+``benches/results/<device>-<date>-step.md`` when ``FASTDIFF_BENCH_SAVE=1``, and is printed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULTS: dict = defaultdict(dict)  # (suite, case) -> {provider: (median_s, extra)}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def environment() -> dict:
+    env = {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+           "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        env["triton"] = "none"
+    return env
+
+
+@pytest.fixture
+def record():
+    """record(suite, case, provider, benchmark, **extra): store the median for the session's ratio table."""
+
+    def _record(suite: str, case: str, provider: str, benchmark, **extra):
+        median = benchmark.stats.stats.median
+        benchmark.extra_info.update(environment())
+        benchmark.extra_info.update(extra)
+        RESULTS[(suite, case)][provider] = (median, extra)
+
+    return _record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not RESULTS:
+        return
+    lines = [f"# fastdiff benchmark ratios: {environment()}", ""]
+    by_suite = defaultdict(list)
+    for (suite, case), provs in RESULTS.items():
+        by_suite[suite].append((case, provs))
+    for suite, rows in by_suite.items():
+        providers = sorted({p for _, provs in rows for p in provs})
+        base = "diffusers" if "diffusers" in providers else providers[0]
+        lines += [f"## {suite}", "", "| case | " + " | ".join(f"{p} (us)" for p in providers)
+                  + " | " + " | ".join(f"{base}/{p}" for p in providers if p != base) + " | notes |",
+                  "|" + "---|" * (1 + 2 * len(providers)) + "---|"]
+        for case, provs in sorted(rows):
+            times = [f"{provs[p][0] * 1e6:.1f}" if p in provs else "-" for p in providers]
+            ratios = [f"{provs[base][0] / provs[p][0]:.2f}x" if p in provs and base in provs else "-"
+                      for p in providers if p != base]
+            notes = "; ".join(f"{p}: {provs[p][1]['gbps']:.0f} GB/s" for p in providers
+                              if p in provs and "gbps" in provs[p][1])
+            lines.append(f"| {case} | " + " | ".join(times) + " | " + " | ".join(ratios) + f" | {notes} |")
+        lines.append("")
+    text = "\n".join(lines)
+    print("\n" + text)
+    if os.environ.get("FASTDIFF_BENCH_SAVE") == "1":
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        tag = device_name().replace(" ", "_").replace("/", "_")
+        path = out / f"{tag}-{datetime.date.today().isoformat()}-bench.md"
+        path.write_text(text + "\n")

@@ -1,0 +1,167 @@
+"""DPM-Solver++ (2M) (Lu et al., 2022), as diffusers' ``DPMSolverMultistepScheduler`` with
+``algorithm_type="dpmsolver++"`` and ``solver_order`` 1 or 2.
+
+On sigmas ``s_i`` (``x = alpha (x0 + s eps)`` with ``alpha = 1/sqrt(s^2 + 1)``, ``sig = s * alpha``,
+``lambda = log(alpha / sig) = -log s``), step i from s_i to s_{i+1} with ``h = lambda_{i+1} - lambda_i`` and
+``A = alpha_{i+1} (1 - e^{-h})``::
+
+    first order:  prev = (sig_{i+1} / sig_i) x + A x0_i
+    second order: D1 = (x0_i - x0_{i-1}) / r,  r = (lambda_i - lambda_{i-1}) / h
+                  midpoint: prev = first order + A / 2 * D1
+                  heun:     prev = first order + alpha_{i+1} ((e^{-h} - 1) / h + 1) * D1
+
+Earlier x0 predictions live in the plan's history ring (step i writes slot i % 3). The first step is first order;
+the last is first order when ``euler_at_final``, or ``lower_order_final`` with fewer than 15 steps, or when the
+final sigma is zero (then prev = x0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fastdiff.errors import InvalidInput
+from fastdiff.schedulers.base import COMMON_DEFAULTS, THRESHOLD_DEFAULTS, Rows, Scheduler, x0_coefs
+from fastdiff.schedulers.betas import alphas_cumprod_f32, karras_sigmas, sigma_table_f32, sigma_to_t, timestep_grid
+from fastdiff.schedulers.euler import FINAL_SIGMAS_TYPES
+from fastdiff.schedulers.plan import HIST_SLOTS, StepPlan
+
+# Options whose non-default values change the noise levels in ways we do not implement.
+SIGMA_NEUTRAL = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
+                 "use_dynamic_shifting": False}
+
+
+def vp_from_sigma(s: float) -> tuple[float, float, float]:
+    """(alpha, sig, lambda) of the VP process at sigma-form noise level s (s = 0 gives lambda = +inf)."""
+    alpha = 1.0 / math.sqrt(s * s + 1.0)
+    return alpha, s * alpha, (-math.log(s) if s > 0 else math.inf)
+
+
+class SigmaGrid(Scheduler):
+    """Timesteps and sigmas shared by the multistep solvers (DPM-Solver++, UniPC): n + 1-point spacing, optional
+    Karras sigmas, final sigma zero or sigma_min."""
+
+    def _last_timestep(self) -> int:
+        return self["num_train_timesteps"]
+
+    def _karras_last(self, sig: np.ndarray, ac) -> float:
+        return float(((1 - ac[0]) / ac[0]) ** 0.5)
+
+    def sigma_grid(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(timesteps (n,) int64, sigmas (n + 1,) float32), as diffusers' set_timesteps builds them."""
+        cfg = self._config
+        T = cfg["num_train_timesteps"]
+        ts = timestep_grid(cfg["timestep_spacing"], T, n, cfg["steps_offset"], plus_one=True,
+                           last_timestep=self._last_timestep())
+        if len(ts) != n:
+            raise InvalidInput(f"{self.label()}: timestep_spacing='trailing' with lambda_min_clipped gives only "
+                               f"{len(ts)} timesteps for {n} steps; use another spacing or fewer steps")
+        self._check_timesteps(ts)
+        table = sigma_table_f32(cfg)
+        ac = alphas_cumprod_f32(cfg, terminal_floor=True)
+        if cfg["use_karras_sigmas"]:
+            smin = cfg.get("sigma_min")
+            smax = cfg.get("sigma_max")
+            sig = karras_sigmas(float(table[0]) if smin is None else smin, float(table[-1]) if smax is None else smax,
+                                n)
+            t = np.array([sigma_to_t(x, np.log(table)) for x in sig])
+            # diffusers rounds Karras timesteps except for the cosine schedule, where they are truncated to int.
+            ts = (t if self._karras_no_round() else t.round()).astype(np.int64)
+            last = self._karras_last(sig, ac) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+        else:
+            sig = np.interp(ts, np.arange(0, len(table)), table)
+            last = float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+        sigmas = np.concatenate([sig, [last]]).astype(np.float32)
+        if not (np.diff(sigmas.astype(np.float64)) < 0).all():
+            raise InvalidInput(f"{self.label()}: {n} steps with timestep_spacing={cfg['timestep_spacing']!r} repeat a "
+                               f"noise level, which makes the multistep solver divide by zero; use fewer steps")
+        return ts, sigmas
+
+    def _karras_no_round(self) -> bool:
+        return False
+
+    @property
+    def max_steps(self) -> int:
+        # n + 1-point linspace / leading grids over [0, last) stay strictly decreasing up to n = last - 1.
+        if self["use_karras_sigmas"] or self["timestep_spacing"] == "trailing":
+            return self["num_train_timesteps"]
+        return self._last_timestep() - 1
+
+
+class DPMSolverPP(SigmaGrid):
+    """diffusers' ``DPMSolverMultistepScheduler`` restricted to DPM-Solver++ of order 1 or 2."""
+
+    name = "dpmpp_2m"
+    diffusers_class = "DPMSolverMultistepScheduler"
+    DEFAULTS = {**COMMON_DEFAULTS, **THRESHOLD_DEFAULTS, "timestep_spacing": "linspace", "solver_order": 2,
+                "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
+                "euler_at_final": False, "use_karras_sigmas": False, "final_sigmas_type": "zero",
+                "lambda_min_clipped": -math.inf}
+    NEUTRAL = {**SIGMA_NEUTRAL, "use_lu_lambdas": False, "variance_type": None}
+
+    def __init__(self, config: dict | None = None, *, name: str | None = None, **overrides):
+        merged = {**(config or {}), **overrides}
+        # diffusers silently maps these legacy values (see DPMSolverMultistepScheduler.__init__); so do we.
+        if merged.get("algorithm_type") == "deis":
+            merged["algorithm_type"] = "dpmsolver++"
+        if merged.get("solver_type") in ("logrho", "bh1", "bh2"):
+            merged["solver_type"] = "midpoint"
+        super().__init__(merged, name=name)
+        # the canonical name follows the config, so dpmpp_2m + use_karras_sigmas=True is dpmpp_2m_karras
+        self.name = "dpmpp_2m_karras" if self["use_karras_sigmas"] else "dpmpp_2m"
+
+    def validate(self) -> None:
+        if self["algorithm_type"] != "dpmsolver++":
+            raise InvalidInput(f"{self.label()}: algorithm_type={self['algorithm_type']!r} is not supported (the "
+                               "SDE variants draw noise, 'dpmsolver' is deprecated); use algorithm_type='dpmsolver++'")
+        if self["solver_order"] not in (1, 2):
+            raise InvalidInput(f"{self.label()}: solver_order={self['solver_order']!r} is not supported; use "
+                               "solver_order=2 (DPM-Solver++ 2M) or 1")
+        self._choice("solver_type", ("midpoint", "heun"))
+        self._choice("final_sigmas_type", FINAL_SIGMAS_TYPES)
+
+    def _last_timestep(self) -> int:
+        import torch
+
+        lam = float(self["lambda_min_clipped"])
+        if lam == -math.inf:
+            return self["num_train_timesteps"]
+        ac = alphas_cumprod_f32(self._config, terminal_floor=True)
+        lam_t = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
+        clipped = int(torch.searchsorted(torch.flip(lam_t, [0]), lam))
+        return self["num_train_timesteps"] - clipped
+
+    def _karras_no_round(self) -> bool:
+        return self["beta_schedule"] == "squaredcos_cap_v2"
+
+    def _plan(self, n: int) -> StepPlan:
+        ts, sigmas = self.sigma_grid(n)
+        s = sigmas.astype(np.float64)
+        cfg = self._config
+        order2 = cfg["solver_order"] == 2
+        first_last = (cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15)
+                      or cfg["final_sigmas_type"] == "zero")
+        rows = Rows(n)
+        for i in range(n):
+            a0, sg0, l0 = vp_from_sigma(s[i])
+            a1, sg1, l1 = vp_from_sigma(s[i + 1])
+            px, pm = x0_coefs(cfg["prediction_type"], a0, sg0)
+            # A = alpha_{i+1} (1 - e^{-h}); e^{-h} = s_{i+1} / s_i exactly (lambda = -log s).
+            ratio = s[i + 1] / s[i]
+            A = a1 * (1.0 - ratio)
+            out: dict = {"x": sg1 / sg0, "x0": A}
+            second = order2 and i > 0 and not (i == n - 1 and first_last)
+            if second:
+                h = l1 - l0
+                r = (l0 - vp_from_sigma(s[i - 1])[2]) / h
+                if cfg["solver_type"] == "midpoint":
+                    k = 0.5 * A
+                else:
+                    k = a1 * (math.expm1(-h) / h + 1.0)
+                # k * D1 = k / r * (x0_i - x0_{i-1})
+                out["x0"] += k / r
+                out[(i - 1) % HIST_SLOTS] = -k / r
+            write = order2 and i < n - 1
+            rows.set(i, px, pm, out, wslot=i % HIST_SLOTS if write else -1)
+        return self._make_plan(ts, rows)

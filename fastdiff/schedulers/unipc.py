@@ -1,0 +1,136 @@
+"""UniPC (Zhao et al., 2023), as diffusers' ``UniPCMultistepScheduler`` with ``predict_x0=True``, solver_type
+bh2 (or bh1) and ``solver_order`` 1 or 2.
+
+Notation as in :mod:`fastdiff.schedulers.dpmsolver` (``lambda = -log s``). For a step from noise level a to b with
+``h = lambda_b - lambda_a``, ``phi = expm1(-h)`` and ``B = expm1(-h)`` (bh2) or ``-h`` (bh1)::
+
+    base(x, x0_a)  = (sig_b / sig_a) x - alpha_b phi x0_a
+    predictor (i -> i+1), order 1:  x_{i+1} = base(xc_i, x0_i)
+                          order 2:  x_{i+1} = base(xc_i, x0_i) - alpha B / 2 * (x0_{i-1} - x0_i) / r
+    corrector (i-1 -> i), order 1:  xc_i = base(xc_{i-1}, x0_{i-1}) - alpha B / 2 * (x0_i - x0_{i-1})
+                          order 2:  xc_i = base(...) - alpha B (rho0 (x0_{i-2} - x0_{i-1}) / r + rho1 (x0_i - x0_{i-1}))
+
+with ``r`` the ratio of lambda gaps and ``(rho0, rho1)`` the solution of ``[[1, 1], [r, 1]] rho = b``,
+``b_k = k! h_phi_k / B``. The corrector at step i uses the model output at the predicted x_i and overwrites the
+sample the next predictor starts from; diffusers keeps that corrected sample as ``last_sample``. Here it is the
+plan's ``saved`` buffer, and since every piece is linear the predictor applied to the corrected sample is
+expanded on the host into one row: prev = P_S * xc_i + ..., xc_i = C_S * saved + ....
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fastdiff.errors import InvalidInput
+from fastdiff.schedulers.base import COMMON_DEFAULTS, THRESHOLD_DEFAULTS, Rows, x0_coefs
+from fastdiff.schedulers.dpmsolver import SIGMA_NEUTRAL, SigmaGrid, vp_from_sigma
+from fastdiff.schedulers.euler import FINAL_SIGMAS_TYPES
+from fastdiff.schedulers.plan import HIST_SLOTS, StepPlan
+
+
+def _b_coefs(hh: float, order: int, solver_type: str) -> tuple[float, list[float]]:
+    """(B_h, [b_1..b_order]) of UniPC's linear system for ``hh = -h``: b_k = k! * h_phi_k / B_h with
+    h_phi_1 = phi_1(hh) / hh - 1 and h_phi_{k+1} = h_phi_k / hh - 1 / (k+1)!."""
+    h_phi_1 = math.expm1(hh)
+    b_h = h_phi_1 if solver_type == "bh2" else hh
+    h_phi_k, fact, b = h_phi_1 / hh - 1, 1, []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * fact / b_h)
+        fact *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    return b_h, b
+
+
+class UniPC(SigmaGrid):
+    """diffusers' ``UniPCMultistepScheduler`` (predict_x0, bh1 / bh2, order <= 2, optional disable_corrector)."""
+
+    name = "unipc"
+    diffusers_class = "UniPCMultistepScheduler"
+    DEFAULTS = {**COMMON_DEFAULTS, **THRESHOLD_DEFAULTS, "timestep_spacing": "linspace", "solver_order": 2,
+                "predict_x0": True, "solver_type": "bh2", "lower_order_final": True, "disable_corrector": [],
+                "use_karras_sigmas": False, "final_sigmas_type": "zero", "sigma_min": None, "sigma_max": None}
+    NEUTRAL = {**SIGMA_NEUTRAL, "solver_p": None, "shift_terminal": None}
+
+    def validate(self) -> None:
+        if self["solver_order"] not in (1, 2):
+            raise InvalidInput(f"{self.label()}: solver_order={self['solver_order']!r} is not supported (order 3 "
+                               "needs three earlier model outputs per step); use solver_order=2 or 1")
+        if not self["predict_x0"]:
+            raise InvalidInput(f"{self.label()}: predict_x0=False (UniPC on noise predictions) is not supported; "
+                               "use predict_x0=True")
+        self._choice("solver_type", ("bh2", "bh1"))
+        self._choice("final_sigmas_type", FINAL_SIGMAS_TYPES)
+
+    def _karras_last(self, sig: np.ndarray, ac) -> float:
+        return float(sig[-1])  # UniPC ends Karras grids on the last Karras sigma
+
+    def _plan(self, n: int) -> StepPlan:
+        cfg = self._config
+        if not cfg["lower_order_final"] and cfg["solver_order"] == 2 and n >= 2 and cfg["final_sigmas_type"] == "zero":
+            raise InvalidInput(
+                f"{self.label()}: lower_order_final=False with final_sigmas_type='zero' makes the last step a "
+                "second-order step to sigma 0, which divides by zero (diffusers returns inf / NaN there); set "
+                "lower_order_final=True or final_sigmas_type='sigma_min'")
+        ts, sigmas = self.sigma_grid(n)
+        s = sigmas.astype(np.float64)
+        vp = [vp_from_sigma(x) for x in s]  # (alpha, sig, lambda) per noise level
+        order_cfg, st = int(cfg["solver_order"]), cfg["solver_type"]
+        disabled = {int(k) for k in (cfg["disable_corrector"] or [])}
+        orders = [min(order_cfg, n - i if cfg["lower_order_final"] else order_cfg, i + 1) for i in range(n)]
+        slot = lambda j: j % HIST_SLOTS  # noqa: E731 - ring slot of the x0 predicted at step j
+        rows = Rows(n)
+        for i in range(n):
+            a_i, sg_i, l_i = vp[i]
+            px, pm = x0_coefs(cfg["prediction_type"], a_i, sg_i)
+            # corrected sample xc_i = cs * (saved or x) + c0 * x0_i + sum_j ch[j] * hist[j]
+            ch: dict = {}
+            if i > 0 and (i - 1) not in disabled:
+                q = orders[i - 1]
+                h = l_i - vp[i - 1][2]
+                b_h, b = _b_coefs(-h, q, st)
+                cs = sg_i / vp[i - 1][1]
+                ch[slot(i - 1)] = -a_i * math.expm1(-h)
+                if q == 1:
+                    rho_cur = 0.5
+                else:
+                    r = (vp[i - 2][2] - vp[i - 1][2]) / h
+                    rho0, rho_cur = np.linalg.solve(np.array([[1.0, 1.0], [r, 1.0]]), np.array(b))
+                    ch[slot(i - 2)] = -a_i * b_h * rho0 / r
+                    ch[slot(i - 1)] += a_i * b_h * rho0 / r
+                c0 = -a_i * b_h * rho_cur
+                ch[slot(i - 1)] += a_i * b_h * rho_cur
+                saved_row = {"saved": cs, "x0": c0, **ch}
+            else:
+                cs, c0 = 1.0, 0.0
+                saved_row = {"x": 1.0}
+            # predictor from xc_i: prev = ps * xc_i + p0 * x0_i + pp * x0_{i-1}
+            a_n, sg_n, l_n = vp[i + 1]
+            ps = sg_n / sg_i
+            p = orders[i]
+            if s[i + 1] == 0:
+                # h = inf: expm1(-h) = -1 and sig_n = 0, so prev = x0_i (p == 1 here, checked above)
+                p0, pp = a_n, 0.0
+            else:
+                h = l_n - l_i
+                phi = math.expm1(-h)
+                p0, pp = -a_n * phi, 0.0
+                if p == 2:
+                    b_h = phi if st == "bh2" else -h
+                    r = (vp[i - 1][2] - l_i) / h
+                    pp = -a_n * b_h * 0.5 / r
+                    p0 -= pp
+            out: dict = {"x0": p0 + ps * c0}
+            if "saved" in saved_row:
+                out["saved"] = ps * cs
+                for j, v in ch.items():
+                    out[j] = out.get(j, 0.0) + ps * v
+            else:
+                out["x"] = ps
+            if pp:
+                out[slot(i - 1)] = out.get(slot(i - 1), 0.0) + pp
+            needs_saved = i + 1 < n and i not in disabled
+            rows.set(i, px, pm, out, saved=saved_row if needs_saved else None,
+                     wslot=slot(i) if i + 1 < n else -1)
+        return self._make_plan(ts, rows)
