@@ -5,7 +5,7 @@ Kept apart from the loop so every user-facing check lives in one place and says 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,9 @@ class Conditioning:
     cfg: bool
     encoder_hidden_states: torch.Tensor | None  # (2B or B, L, D)
     class_labels: torch.Tensor | None  # (2B or B,) for UNets with a class embedding
+    # Further model keyword arguments, already batched like the model input (e.g. SDXL's
+    # ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}`` or LCM's ``timestep_cond``).
+    model_kwargs: dict = field(default_factory=dict)
 
 
 def _check_embeddings(name: str, t: torch.Tensor, runner: ModelRunner) -> None:

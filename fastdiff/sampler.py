@@ -247,7 +247,8 @@ class LoopState:
             if self.noise_steps[i]:
                 noise = randn_tensor(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
             last = i + 1 == plan.num_steps
-        out = self.sampler.runner(self.model_in, t, cond.encoder_hidden_states, cond.class_labels)
+        out = self.sampler.runner(self.model_in, t, cond.encoder_hidden_states, cond.class_labels,
+                                  **cond.model_kwargs)
         if out.shape[1] != x.shape[1]:
             raise InvalidInput(
                 f"the model returns {out.shape[1]} channels for a {x.shape[1]}-channel sample (a learned-variance "

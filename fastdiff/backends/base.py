@@ -1,8 +1,8 @@
 """The model-runner interface the sampler drives, and its PyTorch implementation.
 
 A runner maps ``(sample (N, C, H, W), timestep (N,) float32, encoder_hidden_states (N, L, D) or None,
-class_labels (N,) or None)`` to the model's prediction ``(N, C_out, H, W)`` on the sampler's device, without
-host<->device syncs. ``N`` is 2B under classifier-free guidance.
+class_labels (N,) or None, **model_kwargs)`` to the model's prediction ``(N, C_out, H, W)`` on the sampler's
+device, without host<->device syncs. ``N`` is 2B under classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class ModelRunner:
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        **model_kwargs,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -54,8 +55,8 @@ class TorchRunner(ModelRunner):
         self.device, self.dtype = p.device, p.dtype
 
     @torch.no_grad()
-    def __call__(self, sample, timestep, encoder_hidden_states=None, class_labels=None):
-        kwargs = {}
+    def __call__(self, sample, timestep, encoder_hidden_states=None, class_labels=None, **model_kwargs):
+        kwargs = dict(model_kwargs)
         if class_labels is not None:
             kwargs["class_labels"] = class_labels
         if self.cross_attention_dim is not None:
