@@ -73,7 +73,8 @@ class SigmaGrid(Scheduler):
             sig = np.interp(ts, np.arange(0, len(table)), table)
             last = float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
         sigmas = np.concatenate([sig, [last]]).astype(np.float32)
-        if not (np.diff(sigmas.astype(np.float64)) < 0).all():
+        # Karras grids with final_sigmas_type="sigma_min" end on sigma_min twice: that last step is the identity.
+        if not ((np.diff(sigmas[:-1].astype(np.float64)) < 0).all() and sigmas[-1] <= sigmas[-2]):
             raise InvalidInput(f"{self.label()}: {n} steps with timestep_spacing={cfg['timestep_spacing']!r} repeat a "
                                f"noise level, which makes the multistep solver divide by zero; use fewer steps")
         return ts, sigmas
@@ -152,6 +153,10 @@ class DPMSolverPP(SigmaGrid):
             A = a1 * (1.0 - ratio)
             out: dict = {"x": sg1 / sg0, "x0": A}
             second = order2 and i > 0 and not (i == n - 1 and first_last)
+            if s[i + 1] == s[i]:
+                # h = 0 (Karras + sigma_min: last step from sigma_min to sigma_min): prev = x. diffusers' heun
+                # update evaluates (e^{-h} - 1) / h there and returns NaN; the h -> 0 limit is the identity.
+                out, second = {"x": 1.0}, False
             if second:
                 h = l1 - l0
                 r = (l0 - vp_from_sigma(s[i - 1])[2]) / h

@@ -131,7 +131,12 @@ def get_scheduler(spec: Any, config: Any = None, **overrides: Any) -> Scheduler:
         return spec.replace(**overrides) if overrides else spec
     if isinstance(spec, str) and spec in NAMES:
         cls, preset = NAMES[spec]
-        base = _filter(cls, _load_config(config)[0]) if config is not None else {}
+        base = {}
+        if config is not None:
+            loaded = _load_config(config)[0]
+            # like diffusers' from_config: keys the source only had at its class default are not carried over
+            defaulted = set(loaded.get("_use_default_values", []))
+            base = {k: v for k, v in _filter(cls, loaded).items() if k not in defaulted}
         return cls({**base, **preset}, name=spec, **overrides)
     if isinstance(spec, str) and not (os.sep in spec or spec.endswith(".json") or os.path.exists(spec)):
         raise UnknownScheduler(f"unknown scheduler {spec!r}; choose one of: {', '.join(NAMES)} (or pass a diffusers "

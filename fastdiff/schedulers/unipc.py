@@ -74,63 +74,65 @@ class UniPC(SigmaGrid):
                 "second-order step to sigma 0, which divides by zero (diffusers returns inf / NaN there); set "
                 "lower_order_final=True or final_sigmas_type='sigma_min'")
         ts, sigmas = self.sigma_grid(n)
-        s = sigmas.astype(np.float64)
-        vp = [vp_from_sigma(x) for x in s]  # (alpha, sig, lambda) per noise level
-        order_cfg, st = int(cfg["solver_order"]), cfg["solver_type"]
+        vp = [vp_from_sigma(x) for x in sigmas.astype(np.float64)]  # (alpha, sig, lambda) per noise level
         disabled = {int(k) for k in (cfg["disable_corrector"] or [])}
-        orders = [min(order_cfg, n - i if cfg["lower_order_final"] else order_cfg, i + 1) for i in range(n)]
-        slot = lambda j: j % HIST_SLOTS  # noqa: E731 - ring slot of the x0 predicted at step j
+        order = int(cfg["solver_order"])
+        # diffusers' this_order: warm-up from 1, and 1 again at the last step with lower_order_final
+        orders = [min(order, n - i if cfg["lower_order_final"] else order, i + 1) for i in range(n)]
         rows = Rows(n)
         for i in range(n):
-            a_i, sg_i, l_i = vp[i]
-            px, pm = x0_coefs(cfg["prediction_type"], a_i, sg_i)
-            # corrected sample xc_i = cs * (saved or x) + c0 * x0_i + sum_j ch[j] * hist[j]
-            ch: dict = {}
-            if i > 0 and (i - 1) not in disabled:
-                q = orders[i - 1]
-                h = l_i - vp[i - 1][2]
-                b_h, b = _b_coefs(-h, q, st)
-                cs = sg_i / vp[i - 1][1]
-                ch[slot(i - 1)] = -a_i * math.expm1(-h)
-                if q == 1:
-                    rho_cur = 0.5
-                else:
-                    r = (vp[i - 2][2] - vp[i - 1][2]) / h
-                    rho0, rho_cur = np.linalg.solve(np.array([[1.0, 1.0], [r, 1.0]]), np.array(b))
-                    ch[slot(i - 2)] = -a_i * b_h * rho0 / r
-                    ch[slot(i - 1)] += a_i * b_h * rho0 / r
-                c0 = -a_i * b_h * rho_cur
-                ch[slot(i - 1)] += a_i * b_h * rho_cur
-                saved_row = {"saved": cs, "x0": c0, **ch}
-            else:
-                cs, c0 = 1.0, 0.0
-                saved_row = {"x": 1.0}
-            # predictor from xc_i: prev = ps * xc_i + p0 * x0_i + pp * x0_{i-1}
-            a_n, sg_n, l_n = vp[i + 1]
-            ps = sg_n / sg_i
-            p = orders[i]
-            if s[i + 1] == 0:
-                # h = inf: expm1(-h) = -1 and sig_n = 0, so prev = x0_i (p == 1 here, checked above)
-                p0, pp = a_n, 0.0
-            else:
-                h = l_n - l_i
-                phi = math.expm1(-h)
-                p0, pp = -a_n * phi, 0.0
-                if p == 2:
-                    b_h = phi if st == "bh2" else -h
-                    r = (vp[i - 1][2] - l_i) / h
-                    pp = -a_n * b_h * 0.5 / r
-                    p0 -= pp
-            out: dict = {"x0": p0 + ps * c0}
-            if "saved" in saved_row:
-                out["saved"] = ps * cs
-                for j, v in ch.items():
-                    out[j] = out.get(j, 0.0) + ps * v
-            else:
-                out["x"] = ps
+            px, pm = x0_coefs(cfg["prediction_type"], vp[i][0], vp[i][1])
+            corrected = i > 0 and (i - 1) not in disabled
+            # xc_i = cs * saved + c0 * x0_i + sum_j ch[j] * hist[j]   (or xc_i = x without a corrector)
+            cs, c0, ch = self._corrector(vp, i, orders[i - 1]) if corrected else (1.0, 0.0, {})
+            ps, p0, pp = self._predictor(vp, i, orders[i])
+            # prev = ps * xc_i + p0 * x0_i + pp * x0_{i-1}, expanded
+            out: dict = {"x0": p0 + ps * c0, ("saved" if corrected else "x"): ps * cs}
+            for j, v in ch.items():
+                out[j] = out.get(j, 0.0) + ps * v
             if pp:
-                out[slot(i - 1)] = out.get(slot(i - 1), 0.0) + pp
-            needs_saved = i + 1 < n and i not in disabled
-            rows.set(i, px, pm, out, saved=saved_row if needs_saved else None,
-                     wslot=slot(i) if i + 1 < n else -1)
+                out[_slot(i - 1)] = out.get(_slot(i - 1), 0.0) + pp
+            saved = ({"saved": cs, "x0": c0, **ch} if corrected else {"x": 1.0})
+            needs_saved = i + 1 < n and i not in disabled  # read by the corrector of step i + 1
+            rows.set(i, px, pm, out, saved=saved if needs_saved else None, wslot=_slot(i) if i + 1 < n else -1)
         return self._make_plan(ts, rows)
+
+    def _corrector(self, vp: list, i: int, q: int) -> tuple[float, float, dict]:
+        """(cs, c0, {slot: coef}) of the corrected sample xc_i from last_sample (= saved), x0_i and earlier x0s,
+        for a corrector of order q over the step i-1 -> i."""
+        a_i, sg_i, l_i = vp[i]
+        h = l_i - vp[i - 1][2]
+        b_h, b = _b_coefs(-h, q, self["solver_type"])
+        ch = {_slot(i - 1): -a_i * math.expm1(-h)}
+        if q == 1:
+            rho_cur = 0.5
+        else:
+            r = (vp[i - 2][2] - vp[i - 1][2]) / h
+            rho0, rho_cur = np.linalg.solve(np.array([[1.0, 1.0], [r, 1.0]]), np.array(b))
+            ch[_slot(i - 2)] = -a_i * b_h * rho0 / r
+            ch[_slot(i - 1)] += a_i * b_h * rho0 / r
+        ch[_slot(i - 1)] += a_i * b_h * rho_cur
+        return sg_i / vp[i - 1][1], -a_i * b_h * rho_cur, ch
+
+    def _predictor(self, vp: list, i: int, p: int) -> tuple[float, float, float]:
+        """(ps, p0, pp) with x_{i+1} = ps * xc_i + p0 * x0_i + pp * x0_{i-1}, a predictor of order p."""
+        (a_n, sg_n, l_n), (_, sg_i, l_i) = vp[i + 1], vp[i]
+        ps = sg_n / sg_i
+        if sg_n == sg_i:
+            return ps, 0.0, 0.0  # h = 0 (Karras + sigma_min ends on sigma_min twice): the identity on xc_i
+        if sg_n == 0:
+            return ps, a_n, 0.0  # h = inf: expm1(-h) = -1, so x_{i+1} = x0_i (p == 1 here, checked in _plan)
+        h = l_n - l_i
+        phi = math.expm1(-h)
+        p0, pp = -a_n * phi, 0.0
+        if p == 2:
+            b_h = phi if self["solver_type"] == "bh2" else -h
+            r = (vp[i - 1][2] - l_i) / h
+            pp = -a_n * b_h * 0.5 / r
+            p0 -= pp
+        return ps, p0, pp
+
+
+def _slot(j: int) -> int:
+    """The history ring slot holding the x0 predicted at step j."""
+    return j % HIST_SLOTS
