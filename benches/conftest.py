@@ -77,5 +77,5 @@ def pytest_sessionfinish(session, exitstatus):
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
         tag = device_name().replace(" ", "_").replace("/", "_")
-        path = out / f"{tag}-{datetime.date.today().isoformat()}-bench.md"
+        path = out / f"{tag}-{datetime.date.today().isoformat()}-{'-'.join(sorted(by_suite))}.md"
         path.write_text(text + "\n")
