@@ -76,6 +76,15 @@ class Sampler:
             a step counter) in a CUDA graph once, and replay it for every step: no host work between steps.
     """
 
+    def __new__(cls, model=None, *args, **kwargs):
+        # Hook (fastdiff/pipelines.py): a diffusers DiffusionPipeline gets the prompt-to-image PipelineSampler
+        # subclass (fastdiff.sample(pipe, prompt=...) goes through here too). Everything else is unchanged.
+        if cls is Sampler and any(c.__name__ == "DiffusionPipeline" for c in type(model).__mro__):
+            from fastdiff.pipelines import PipelineSampler
+
+            cls = PipelineSampler
+        return super().__new__(cls)
+
     def __init__(self, model=None, scheduler=None, backend: str = "auto", device=None, dtype=None,
                  step_backend: str | None = None, cuda_graph: bool = False):
         from fastdiff.schedulers import get_scheduler
