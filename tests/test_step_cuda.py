@@ -1,0 +1,150 @@
+"""The CUDA fused step (``fused_step(backend="cuda")``, module ``fastdiff._C_cuda``) against the torch reference.
+
+- marker ``cuda``: the cases of :mod:`tests.step_cases` on a GPU, plus CUDA-graph capture and a side stream
+  (skipped without a GPU or without the built module, with the reason);
+- marker ``ext``: the module imports on a machine without a GPU and raises a clear error only when called;
+- unmarked / ``slow``: the generated instantiation table is up to date, and nvcc compiles ``csrc/cuda/step.cu``
+  (skipped when nvcc is absent), so CPU-only CI catches CUDA compile errors.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdiff import _ext
+from fastdiff.kernels._common import DTYPE_CODES
+from fastdiff.ops import fused_step
+from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
+from tests.step_cases import ALL_ON, CASES, StepCase, assert_close_nan, check_case, make_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_GPU = torch.cuda.is_available()
+_MODULE_SKIP = pytest.mark.skipif(not _ext.cuda_available(),
+                                  reason=f"fastdiff._C_cuda is not built: {_ext.cuda_error()}")
+
+
+def gpu_test(fn):
+    """Marker ``cuda``; skipped (with the reason) without a GPU of compute capability >= 8.0 or the module."""
+    marks = [
+        pytest.mark.cuda,
+        pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU visible to torch"),
+        pytest.mark.skipif(HAS_GPU and torch.cuda.get_device_capability() < (8, 0),
+                           reason="the cuda backend needs compute capability >= 8.0"),
+        _MODULE_SKIP,
+    ]
+    for mark in marks:
+        fn = mark(fn)
+    return fn
+
+
+def module_test(fn):
+    """Marker ``ext``; needs the built module but no GPU."""
+    return pytest.mark.ext(_MODULE_SKIP(fn))
+
+
+def _copy(kw: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------------------
+
+
+@gpu_test
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_matches_reference(case):
+    check_case(case, backend="cuda", device="cuda")
+
+
+def _graph_inputs(seed: int):
+    case = StepCase(shape=(2, 4, 33, 17), dtype=torch.float16, seed=seed, **ALL_ON)
+    return case, make_inputs(case, "cuda")
+
+
+@gpu_test
+def test_cuda_graph_capture_and_replay():
+    """The coefficient row and flag stay on the device: the step captures in a CUDA graph and replays correctly."""
+    case, kw = _graph_inputs(11)
+    ref = _copy(kw)
+    fused_step(**ref, backend="torch")
+    static = _copy(kw)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture, as torch.cuda.graphs recommends
+        fused_step(**_copy(kw), backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_step(**static, backend="cuda")
+    for k in ("out", "hist", "saved", "next_in", "flag"):  # capture does not run the kernel; replay must
+        static[k].copy_(kw[k])
+    graph.replay()
+    torch.cuda.synchronize()
+    for k in ("out", "hist", "saved", "next_in"):
+        assert_close_nan(static[k], ref[k], case.dtype, msg=f"graph replay {k}")
+    assert torch.equal(static["flag"], ref["flag"])
+
+
+@gpu_test
+def test_cuda_side_stream():
+    case, kw = _graph_inputs(12)
+    ref = _copy(kw)
+    fused_step(**ref, backend="torch")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused_step(**kw, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for k in ("out", "hist", "saved", "next_in"):
+        assert_close_nan(kw[k], ref[k], case.dtype, msg=f"side stream {k}")
+
+
+# ---- without a GPU -----------------------------------------------------------------------------------------
+
+
+@module_test
+def test_module_constants_match_python():
+    mod = _ext.require_cuda()
+    assert mod.ABI_VERSION == _ext.ABI_VERSION
+    assert mod.NCOEF == NCOEF and mod.HIST_SLOTS == HIST_SLOTS
+    for name, idx in mod.COLUMNS.items():
+        assert Col[name] == idx, name
+    assert mod.DTYPES == {str(k).removeprefix("torch."): v for k, v in DTYPE_CODES.items()}
+    assert mod.BUILD_INFO["cuda_runtime"] == mod.runtime_version_built() > 0
+
+
+@module_test
+def test_call_without_gpu_raises_clear_error():
+    """Statically linked runtime: the module imported above; calling it with no GPU / driver is a CudaError."""
+    if HAS_GPU:
+        pytest.skip("a GPU is visible: this checks the no-GPU path")
+    mod = _ext.require_cuda()
+    assert mod.device_count() == 0
+    args = (1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, False, 1.0, False, 0.0, 0, 0)
+    with pytest.raises(mod.CudaError, match="needs an NVIDIA GPU") as info:
+        mod.step(*args)
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_generated_instantiations_are_up_to_date():
+    script = ROOT / "csrc" / "cuda" / "gen_instantiations.py"
+    res = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_nvcc_compiles_step_cu(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    cmd = [nvcc, "-c", "-arch=sm_80", "-std=c++17", "--fmad=false", f"-I{ROOT / 'csrc'}",
+           str(ROOT / "csrc" / "cuda" / "step.cu"), "-o", str(tmp_path / "step.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+    assert (tmp_path / "step.o").stat().st_size > 0
