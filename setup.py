@@ -21,6 +21,7 @@ from pathlib import Path
 import pybind11
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = Path("csrc")  # relative: setuptools wants relative source paths
@@ -176,4 +177,15 @@ def _extensions() -> list[Extension]:
     return exts
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
+class BuildPy(build_py):
+    """Ships the top-level export profiles (export/*.toml) inside the package as fastdiff/export/profiles/."""
+
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib) / "fastdiff" / "export" / "profiles"
+        dest.mkdir(parents=True, exist_ok=True)
+        for profile in sorted((ROOT / "export").glob("*.toml")):
+            shutil.copy2(profile, dest / profile.name)
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt, "build_py": BuildPy})

@@ -96,8 +96,11 @@ class Sampler:
         if isinstance(unet, torch.nn.Module) and (device is not None or dtype is not None):
             (self.label_model or unet).to(device=device, dtype=dtype)
         self.runner = self._make_runner(unet, model_backend, device, dtype)
+        if self.label_model is None:  # an exported file of a label model carries its label table
+            self.label_model = getattr(self.runner, "label_model", None)
         if scheduler is None:
-            scheduler = getattr(self.label_model, "scheduler_config", None) or DEFAULT_SCHEDULER
+            scheduler = (getattr(self.label_model, "scheduler_config", None)
+                         or getattr(self.runner, "scheduler_config", None) or DEFAULT_SCHEDULER)
         self.scheduler = get_scheduler(scheduler)
         self.backend = backend
         self.cuda_graph = bool(cuda_graph)
