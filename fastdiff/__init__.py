@@ -17,6 +17,9 @@ _LAZY = {
     "fused_step": "fastdiff.ops",
     "get_scheduler": "fastdiff.schedulers",
     "from_diffusers": "fastdiff.schedulers",
+    "optimize": "fastdiff.optimize",
+    "accelerate": "fastdiff.accelerate",
+    "restore": "fastdiff.accelerate",  # pipelines; anything else goes on to fastdiff.optimize.restore
 }
 
 

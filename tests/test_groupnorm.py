@@ -1,0 +1,276 @@
+"""Fused GroupNorm (+ add, + SiLU) (``fastdiff.ops.groupnorm``) against float64 ``F.group_norm`` + ``F.silu``.
+
+Three ways: the Triton kernels under the interpreter on CPU tensors (marker ``triton_interpret``; TRITON_INTERPRET
+set per test), compiled offline for sm80 / sm90 (no GPU: compile, no spills, 16-byte vectors on NCHW), and the
+full grid on a GPU (marker ``cuda``, skipped without one).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiff.errors import BackendUnavailable, InvalidInput, UnknownBackend
+from fastdiff.ops.groupnorm import group_norm
+
+pytest.importorskip("triton", reason="triton is not installed")
+# SiLU as y / (1 + exp(-y)): exp overflows to inf for y << 0 (giving the right limit, -0); numpy warns under the
+# interpreter.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (rtol, atol) against float64 from the same rounded inputs: fp32 math, one rounding of the output.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-2, 1.6e-2)}
+# The interpreter truncates fp32 -> bf16 instead of rounding to nearest: one more bf16 ulp.
+TOL_INTERPRET = {**TOL, torch.bfloat16: (2e-2, 3.2e-2)}
+
+
+def reference(x, groups, w, b, eps, silu, add=None):
+    x64 = x.double()
+    if add is not None:
+        x64 = x64 + add.double().view(*add.shape, *([1] * (x.dim() - 2)))
+    y = F.group_norm(x64, groups, None if w is None else w.double(), None if b is None else b.double(), eps)
+    return F.silu(y) if silu else y
+
+
+def make(shape, groups, dtype, device, seed=0, affine=True, with_add=False, mean=0.0, std=1.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g) * std + mean).to(device=device, dtype=dtype)
+    w = (torch.randn(c, generator=g) + 1).to(device=device, dtype=dtype) if affine else None
+    b = torch.randn(c, generator=g).to(device=device, dtype=dtype) if affine else None
+    add = torch.randn(shape[0], c, generator=g).to(device=device, dtype=dtype) if with_add else None
+    return x, w, b, add
+
+
+def compile_recording(fn, graphs: list):
+    """torch.compile(fn, fullgraph=True) through aot_eager (fake-tensor tracing, functionalisation), recording each
+    captured graph's code so a test can check that the custom op -- not its implementation -- was traced."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    aot_eager = lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return aot_eager(gm, example_inputs)
+
+    return torch.compile(fn, backend=backend, fullgraph=True)
+
+
+def check(y, x, groups, w, b, eps, silu, tol, add=None):
+    assert y.shape == x.shape and y.dtype == x.dtype
+    rtol, atol = tol[x.dtype]
+    torch.testing.assert_close(y.double(), reference(x, groups, w, b, eps, silu, add), rtol=rtol, atol=atol)
+
+
+class _GroupNormChecks:
+    device = "cpu"
+    tol = TOL
+    # (shape, groups): odd spatial sizes, 1x1, 3-D and 2-D inputs, channels per group 1 / 3 / 4 / 10.
+    shapes = (((2, 32, 7, 5), 8), ((1, 20, 9, 11), 2), ((3, 12, 1, 1), 4), ((2, 6, 13), 3), ((4, 8), 2),
+              ((2, 12, 5, 6), 12))
+
+    @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+    @pytest.mark.parametrize("case", range(6))
+    def test_fp32_shapes(self, case, silu):
+        shape, groups = self.shapes[case]
+        x, w, b, _ = make(shape, groups, torch.float32, self.device, seed=case)
+        check(group_norm(x, groups, w, b, 1e-5, silu, backend="triton"), x, groups, w, b, 1e-5, silu, self.tol)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    def test_dtypes_and_layouts(self, dtype, channels_last):
+        x, w, b, add = make((2, 40, 6, 7), 4, dtype, self.device, seed=1, with_add=True)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        y = group_norm(x, 4, w, b, 1e-6, True, add=add, backend="triton")
+        check(y, x, 4, w, b, 1e-6, True, self.tol, add)
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last  # memory format kept
+
+    @pytest.mark.parametrize("affine", [False, True])
+    def test_without_affine_and_with_add(self, affine):
+        x, w, b, add = make((2, 16, 5, 3), 4, torch.float32, self.device, affine=affine, with_add=True)
+        check(group_norm(x, 4, w, b, add=add, backend="triton"), x, 4, w, b, 1e-5, False, self.tol, add)
+
+    def test_weight_only(self):
+        x, w, _, _ = make((2, 16, 5, 3), 4, torch.float32, self.device)
+        check(group_norm(x, 4, w, None, backend="triton"), x, 4, w, None, 1e-5, False, self.tol)
+
+    def test_strided_input(self):
+        x, w, b, add = make((2, 24, 9, 10), 6, torch.float32, self.device, with_add=True)
+        xs = x[:, :, ::2, 1:]  # spatial dims do not flatten to one stride: copied
+        xt = x.transpose(2, 3)  # flattens, but not (C, L) contiguous
+        for v in (xs, xt):
+            check(group_norm(v, 6, w, b, silu=True, add=add[:, :], backend="triton"), v, 6, w, b, 1e-5, True,
+                  self.tol, add)
+        add_t = torch.randn(24, 2, device=self.device).t()  # a non-contiguous (N, C) add
+        check(group_norm(x, 6, w, b, add=add_t, backend="triton"), x, 6, w, b, 1e-5, False, self.tol, add_t)
+
+    def test_large_mean_small_std(self):
+        # |mean| / std = 1e4: a sum / sum-of-squares variance would lose every digit in fp32 (even go negative);
+        # Chan's merge of two-pass tile statistics keeps the error at what fp32 allows, i.e. what PyTorch's own
+        # fp32 GroupNorm makes (about ulp(1000) / std = 6e-4 of a standard deviation).
+        x, w, b, _ = make((2, 8, 17, 19), 2, torch.float32, self.device, mean=1000.0, std=0.1)
+        ref = reference(x, 2, w, b, 1e-5, True)
+        err = (group_norm(x, 2, w, b, silu=True, backend="triton").double() - ref).abs().max().item()
+        err_torch = (F.silu(F.group_norm(x, 2, w, b)).double() - ref).abs().max().item()
+        assert err <= 2 * err_torch + 1e-4 and err < 1e-2, (err, err_torch)
+
+    def test_kernel_writes_every_output(self):
+        from fastdiff.kernels.triton.groupnorm import launch
+
+        x, w, b, add = make((3, 12, 7, 5), 3, torch.float32, self.device, with_add=True)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            y = torch.full_like(x, float("nan")).to(memory_format=fmt)
+            launch(x.flatten(2), w, b, add, y.flatten(2), 3, 1e-5, True)  # flatten(2): a view in both formats
+            check(y, x, 3, w, b, 1e-5, True, self.tol, add)
+
+
+@pytest.mark.triton_interpret
+class TestTritonInterpret(_GroupNormChecks):
+    tol = TOL_INTERPRET
+
+    @pytest.fixture(autouse=True)
+    def _interpret(self, monkeypatch):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    @pytest.mark.parametrize("programs", [1, 64])
+    def test_splits_and_channel_blocks(self, programs, monkeypatch):
+        """Several chunks and channel blocks per group (a GPU-like split) and one program per group."""
+        from fastdiff.kernels.triton import groupnorm as kern
+
+        monkeypatch.setattr(kern, "INTERPRET_PROGRAMS", programs)
+        p = kern.plan(1, 24, 61, 2, True, torch.device("cpu"), True)
+        assert p["num_cb"] == 3  # 12 channels per group in blocks of 4
+        assert p["split"] > 1 if programs > 1 else p["chunk"] > p["BLOCK_L"]  # several chunks / tiles per chunk
+        x, w, b, add = make((1, 24, 61), 2, torch.float32, "cpu", with_add=True)
+        check(group_norm(x, 2, w, b, silu=True, add=add, backend="triton"), x, 2, w, b, 1e-5, True, self.tol, add)
+
+    def test_under_torch_compile(self):
+        x, w, b, add = make((2, 16, 5, 3), 4, torch.float32, "cpu", with_add=True)
+        graphs = []
+        fn = compile_recording(lambda x: group_norm(x, 4, w, b, silu=True, add=add, backend="triton") + 1, graphs)
+        torch.testing.assert_close(fn(x).double(), reference(x, 4, w, b, 1e-5, True, add) + 1, rtol=1e-5,
+                                   atol=1e-5)
+        assert "torch.ops.fastdiff.group_norm" in graphs[0]
+
+
+class TestDispatchAndErrors:
+    def test_auto_on_cpu_is_the_reference_exactly(self):
+        x, w, b, add = make((2, 16, 5, 3), 4, torch.float32, "cpu", with_add=True)
+        ref = F.silu(F.group_norm(x + add[:, :, None, None], 4, w, b, 1e-5))
+        assert torch.equal(group_norm(x, 4, w, b, 1e-5, True, add=add), ref)
+        assert torch.equal(group_norm(x, 4, w, b, backend="torch"), F.group_norm(x, 4, w, b))
+
+    def test_named_triton_on_cpu_without_interpreter_raises(self, monkeypatch):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        x, w, b, _ = make((1, 4, 3, 3), 2, torch.float32, "cpu")
+        with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+            group_norm(x, 2, w, b, backend="triton")
+
+    def test_named_triton_float64_raises(self, monkeypatch):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+        with pytest.raises(BackendUnavailable, match="float64"):
+            group_norm(x, 2, backend="triton")
+
+    def test_unknown_backend(self):
+        with pytest.raises(UnknownBackend):
+            group_norm(torch.randn(1, 4, 2, 2), 2, backend="cpp")
+
+    @pytest.mark.parametrize("kwargs, match", [
+        (dict(x=torch.randn(4)), r"\(N, C, \*\)"),
+        (dict(num_groups=3), "divisor"),
+        (dict(num_groups=0), "divisor"),
+        (dict(weight=torch.randn(5)), "weight"),
+        (dict(bias=torch.randn(4, 1)), "bias"),
+        (dict(add=torch.randn(2, 4)), "add"),
+        (dict(eps=-1.0), "eps"),
+        (dict(x=torch.zeros(1, 4, 2, 2, dtype=torch.int32)), "floating-point"),
+        (dict(x=torch.randn(0, 4, 2, 2)), "empty"),
+    ], ids=["1d", "groups", "zero-groups", "weight", "bias", "add", "eps", "int", "empty"])
+    def test_bad_inputs(self, kwargs, match):
+        args = dict(x=torch.randn(1, 4, 3, 3), num_groups=2)
+        args.update(kwargs)
+        with pytest.raises(InvalidInput, match=match):
+            group_norm(**args)
+
+
+class TestCompilesOffline:
+    """The shipped configs at SD UNet shapes through Triton's NVIDIA pipeline, without a GPU: compiles, does not
+    spill, and (NCHW) moves fp16 in 16-byte vectors."""
+
+    CASES = {
+        "sd15-64x64-nchw": ((2, 320, 4096), False, 90), "sd15-16x16-nchw": ((2, 1280, 256), False, 90),
+        "sdxl-128x128-nchw-sm80": ((2, 320, 16384), False, 80), "sd15-64x64-nhwc": ((2, 320, 4096), True, 90),
+    }
+
+    @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+    def test_compiles_without_spills(self, case, monkeypatch):
+        from fastdiff.kernels.triton import groupnorm as kern
+        from fastdiff.kernels.triton._twin import compile_offline, resource_usage
+
+        monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+        (n, c, length), channels_last, arch = case
+        device = torch.device("cuda", 0)
+        monkeypatch.setitem(kern._sm_count, device, 132)  # plan as for an H100 (no GPU needed)
+        p = kern.plan(n, c, length, 32, not channels_last, device, interpret=False)
+        assert n * 32 * p["num_cb"] * p["split"] >= 2 * 132  # enough programs to fill the SMs
+        tiles = dict(CPG=p["CPG"], BLOCK_C=p["BLOCK_C"], BLOCK_L=p["BLOCK_L"])
+        unit = "c" if channels_last else "l"  # the unit-stride dim (a real launch specialises stride 1)
+        other = "l" if channels_last else "c"
+        for kernel, extra, strided in (
+            (kern._gn_stats_kernel, {f"stride_{unit}": 1, "HAS_ADD": True}, (f"stride_{other}",)),
+            (kern._gn_apply_kernel, {f"stride_x{unit}": 1, f"stride_y{unit}": 1, "BLOCK_S": 16, "HAS_WEIGHT": True,
+                                     "HAS_BIAS": True, "HAS_ADD": True, "SILU": True},
+             (f"stride_x{other}", f"stride_y{other}")),
+        ):
+            types = {a: "*fp32" if a in ("mean_ptr", "m2_ptr") else "*fp16" if a.endswith("_ptr")
+                     else "fp32" if a in ("eps", "total") else "i32" for a in kernel.arg_names}
+            # What a real launch at these shapes specialises: aligned pointers, sample strides, L and chunk % 16.
+            aligned = tuple(a for a in kernel.arg_names if a.endswith("_ptr") or a in (
+                "stride_n", "stride_xn", "stride_yn", "L", "chunk")) + strided
+            compiled = compile_offline(kernel, arch, types, {**tiles, **extra}, p["num_warps"], 2, aligned)
+            usage = resource_usage(compiled)
+            assert usage["stack"] == 0 and usage["local"] == 0, usage
+            if not channels_last:
+                assert "ld.global.v4" in compiled.asm["ptx"] or "ld.global.L1::evict_last.v4" in compiled.asm["ptx"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA not available)")
+class TestTritonCuda(_GroupNormChecks):
+    device = "cuda"
+
+    @pytest.fixture(autouse=True)
+    def _compiled(self, monkeypatch):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 8, 8), (2, 320, 128, 128),
+                                       (3, 96, 37, 29)], ids=str)
+    def test_unet_shapes(self, dtype, channels_last, shape):
+        x, w, b, add = make(shape, 32, dtype, "cuda", with_add=True)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        check(group_norm(x, 32, w, b, 1e-5, True, add=add), x, 32, w, b, 1e-5, True, TOL, add)  # auto: triton
+
+    @torch.no_grad()
+    def test_cuda_graph_replay(self):
+        x, w, b, add = make((2, 320, 32, 32), 32, torch.float16, "cuda", with_add=True)
+        group_norm(x, 32, w, b, silu=True, add=add)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = group_norm(x, 32, w, b, silu=True, add=add)
+        x.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        check(y, x, 32, w, b, 1e-5, True, TOL, add)
+
+    def test_torch_compile_inductor(self):
+        x, w, b, _ = make((2, 320, 32, 32), 32, torch.float16, "cuda")
+        fn = torch.compile(lambda x: group_norm(x, 32, w, b, silu=True) * 2, fullgraph=True)
+        torch.testing.assert_close(fn(x).double(), 2 * reference(x, 32, w, b, 1e-5, True), rtol=2e-3, atol=4e-3)
