@@ -75,6 +75,8 @@ class CudaBackend(StepBackend):
         reasons = []
         if device.type != "cuda":
             reasons.append(f"the cuda backend runs on CUDA tensors, these are on {device}")
+        elif not torch.cuda.is_available():
+            reasons.append("no CUDA GPU is visible to torch (or torch is a CPU build)")
         elif torch.cuda.get_device_capability(device) < (8, 0):
             reasons.append("the cuda backend needs compute capability >= 8.0 (Ampere or newer)")
         if not _ext.cuda_available():
@@ -95,6 +97,8 @@ class TritonBackend(StepBackend):
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
         if device.type == "cpu" and not interpret:
             reasons.append("triton runs CPU tensors only under TRITON_INTERPRET=1 (a slow debugging mode)")
+        elif device.type == "cuda" and not torch.cuda.is_available():
+            reasons.append("no CUDA GPU is visible to torch (or torch is a CPU build)")
         elif device.type not in ("cpu", "cuda"):
             reasons.append(f"triton does not support device {device}")
         return reasons
