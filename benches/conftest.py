@@ -64,7 +64,9 @@ def pytest_sessionfinish(session, exitstatus):
                   + " | " + " | ".join(f"{base}/{p}" for p in providers if p != base) + " | notes |",
                   "|" + "---|" * (1 + 2 * len(providers)) + "---|"]
         for case, provs in sorted(rows):
-            times = [f"{provs[p][0] * 1e6:.1f}" if p in provs else "-" for p in providers]
+            # per-step time when the bench recorded one (loops of several steps), else the median call
+            times = [f"{provs[p][1].get('per_step_us', provs[p][0] * 1e6):.1f}" if p in provs else "-"
+                     for p in providers]
             ratios = [f"{provs[base][0] / provs[p][0]:.2f}x" if p in provs and base in provs else "-"
                       for p in providers if p != base]
             notes = "; ".join(f"{p}: {provs[p][1]['gbps']:.0f} GB/s" for p in providers

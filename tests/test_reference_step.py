@@ -127,3 +127,24 @@ def test_info_command_lists_backends_with_reasons():
     assert res.returncode == 0, res.stderr
     assert "step backends" in res.stdout and "torch   available" in res.stdout
     assert "cuda" in res.stdout and "unavailable:" in res.stdout
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_op_under_torch_compile(backend):
+    """Compiled code goes through the fastdiff::fused_step custom op (eager calls launch directly)."""
+    from fastdiff.ops.dispatch import BACKENDS
+
+    if BACKENDS[backend].not_supported_reasons(torch.empty(1)):
+        pytest.skip(f"{backend} backend not available here")
+    rng = np.random.default_rng(3)
+    row = torch.tensor(random_row(rng, 0), dtype=torch.float32)
+    x, mo = torch.randn(2, 4, 6, 6), torch.randn(4, 4, 6, 6)
+
+    def step(mo, x, row, hist):
+        return fused_step(mo, x, row, guidance_scale=3.0, cfg=True, hist=hist, backend=backend)
+
+    hist_e, hist_c = torch.zeros(3, 2, 4, 6, 6), torch.zeros(3, 2, 4, 6, 6)
+    eager = step(mo, x, row, hist_e)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(mo, x, row, hist_c)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(hist_c, hist_e)

@@ -28,6 +28,7 @@ class StepBackend:
     name: str = ""
     launcher: str = ""
     dtypes: tuple = STEP_DTYPES
+    _launch: Callable | None = None
 
     def not_supported_reasons(self, x: torch.Tensor) -> list[str]:
         reasons = []
@@ -40,8 +41,10 @@ class StepBackend:
         return []
 
     def launch_fn(self) -> Callable:
-        module, fn = self.launcher.split(":")
-        return getattr(importlib.import_module(module), fn)
+        if self._launch is None:
+            module, fn = self.launcher.split(":")
+            self._launch = getattr(importlib.import_module(module), fn)
+        return self._launch
 
 
 class TorchBackend(StepBackend):

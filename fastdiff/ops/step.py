@@ -132,11 +132,16 @@ def fused_step(
 
     writable = {"out": out, "hist": hist, "saved": saved, "next_in": next_in, "flag": flag}
     temps = {k: (v if v is None or v.is_contiguous() else v.contiguous()) for k, v in writable.items()}
-    _fused_step_op(
-        contig(model_out), contig(x), contig(coef), temps["out"], float(guidance_scale), bool(cfg), temps["hist"],
-        temps["saved"], contig(noise), temps["next_in"], contig(m_scale),
-        None if clip_range is None else float(clip_range), contig(x0_limit), temps["flag"], backend,
-    )
+    args = (contig(model_out), contig(x), contig(coef), temps["out"], float(guidance_scale), bool(cfg), temps["hist"],
+            temps["saved"], contig(noise), temps["next_in"], contig(m_scale),
+            None if clip_range is None else float(clip_range), contig(x0_limit), temps["flag"])
+    if torch.compiler.is_compiling():
+        _fused_step_op(*args, backend)
+    else:
+        # Eager (and CUDA-graph capture): launch directly. The custom-op dispatcher costs ~85 us per call on CPU
+        # (measured: 109 us through the op vs 5.6 us for the cpp launcher on a 1x4x8x8 step), more than the
+        # whole fused step at SD1.5 size.
+        resolve(backend, x).launch_fn()(*args)
     for k, v in writable.items():
         if v is not None and temps[k] is not v:
             v.copy_(temps[k])
