@@ -67,6 +67,11 @@ def prepare_conditioning(
     if label_model is not None and encoder_hidden_states is None:
         if labels is None:
             labels = torch.arange(label_model.num_classes)
+        elif bool(((labels < 0) | (labels >= label_model.num_classes)).any()):
+            raise InvalidInput(
+                f"class_labels must be integers in [0, {label_model.num_classes - 1}], got {labels.tolist()} "
+                f"(label {label_model.null_label} is the null label, used internally for guidance)"
+            )
         labels = labels.repeat_interleave(n).to(runner.device)
         cond = label_model.encode_labels(labels).to(runner.dtype)
         uncond = label_model.encode_labels(torch.full_like(labels, label_model.null_label)).to(runner.dtype)

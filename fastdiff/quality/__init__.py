@@ -1,0 +1,9 @@
+"""Quality measurement for the digits models: a judge classifier, Fréchet distance, evaluation and sweeps.
+
+Needs scikit-learn (the real digits) and, for plots, matplotlib: ``pip install fastdiff[digits]``.
+"""
+
+from fastdiff.quality.evaluate import EvalResult, evaluate, format_table, score
+from fastdiff.quality.frechet import frechet_distance
+
+__all__ = ["EvalResult", "evaluate", "format_table", "frechet_distance", "score"]

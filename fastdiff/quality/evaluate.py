@@ -1,0 +1,119 @@
+"""Quality of a model + sampler setting, measured: conditional accuracy, Fréchet distance, sampling time.
+
+``evaluate`` draws ``num_per_class`` samples of every digit from fixed per-sample seeds, asks the judge
+(:mod:`fastdiff.quality.classifier`) whether each shows the requested digit, and computes the Fréchet distance
+between the samples' and all 1,797 real digits' judge features. ``sweep`` repeats it over schedulers x step counts.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fastdiff.models import digits
+from fastdiff.models.generate import balanced_labels, generate, make_noise, make_sampler
+from fastdiff.quality.classifier import predict, train_classifier
+from fastdiff.quality.frechet import frechet_distance
+
+
+@dataclass
+class EvalResult:
+    """One measurement. ``sample_s``: wall time of sampling all ``n`` images (after a warm-up call)."""
+
+    model: str
+    scheduler: str
+    steps: int
+    guidance: float
+    n: int
+    accuracy: float
+    fd: float
+    sample_s: float
+    ms_per_image: float
+    per_class_accuracy: list[float] = field(default_factory=list)
+    classifier_accuracy: float = 0.0
+    fd_real_floor: float = 0.0
+    device: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def machine_description(device: torch.device | str | None = None) -> str:
+    """``"cpu: <processor>, N cores, T torch threads"`` or the CUDA device name."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    import os
+
+    proc = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            proc = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), proc)
+    except OSError:
+        pass
+    return f"cpu: {proc}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def real_features(seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Judge features of all real digits ``(1797, 64)`` and the real-vs-real floor of the FD (two random halves)."""
+    clf, _ = train_classifier(seed)
+    x, _ = digits.load_digits_tensors()
+    _, f = predict(clf, x)
+    perm = torch.randperm(f.shape[0], generator=torch.Generator().manual_seed(seed))
+    half = f.shape[0] // 2
+    return f, frechet_distance(f[perm[:half]], f[perm[half:]])
+
+
+def score(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
+    """Accuracy, per-class accuracy and FD of samples ``images (N, 1, H, W)`` in [-1, 1] asked to show ``labels``."""
+    clf, clf_acc = train_classifier(seed)
+    pred, feats = predict(clf, images.clamp(-1, 1))
+    ok = (pred == labels).float()
+    per_class = [float(ok[labels == k].mean()) if bool((labels == k).any()) else float("nan")
+                 for k in range(digits.NUM_CLASSES)]
+    real, floor = real_features(seed)
+    return {"accuracy": float(ok.mean()), "per_class_accuracy": per_class, "fd": frechet_distance(feats, real),
+            "classifier_accuracy": clf_acc, "fd_real_floor": floor}
+
+
+def evaluate(model="digits", scheduler=None, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, num_per_class: int = 100, seed: int = 0, backend: str = "auto",
+             device=None, batch_size: int = 500, progress: bool = False) -> EvalResult:
+    """Measure one setting. ``None`` for scheduler / steps / guidance takes the model's defaults.
+
+    Images: ``num_per_class * 10``, sample ``i`` asks for digit ``i % 10`` from noise seeded by ``(seed, i)``.
+    """
+    from fastdiff.models import load
+
+    m = load(model) if isinstance(model, str) else model
+    d = getattr(m, "defaults", {}) or {}
+    steps = int(num_inference_steps or d.get("num_inference_steps", 20))
+    g = float(guidance_scale if guidance_scale is not None else d.get("guidance_scale", 1.0))
+    sampler = make_sampler(m, scheduler=scheduler, backend=backend, device=device)
+    n = num_per_class * m.num_classes
+    idx = torch.arange(n)
+    labels = balanced_labels(idx, m.num_classes)
+    size = m.unet.config.sample_size
+    noise = make_noise(seed, idx, (m.unet.config.in_channels, size, size))
+    generate(sampler, labels[:2], noise[:2], steps, g)  # warm-up: one-time costs are not sampling time
+    if sampler.device.type == "cuda":
+        torch.cuda.synchronize(sampler.device)
+    t0 = time.perf_counter()
+    images = generate(sampler, labels, noise, steps, g, batch_size=batch_size)
+    dt = time.perf_counter() - t0
+    s = score(images, labels, seed)
+    sched_name = scheduler if isinstance(scheduler, str) else (getattr(sampler.scheduler, "name", None) or "default")
+    return EvalResult(model=str(getattr(m, "name", model)), scheduler=sched_name, steps=steps, guidance=g, n=n,
+                      sample_s=dt, ms_per_image=1000 * dt / n, device=machine_description(sampler.device), **s)
+
+
+def format_table(results: list[EvalResult]) -> str:
+    """A Markdown table of results."""
+    head = ("| model | scheduler | steps | CFG | accuracy | FD | sampling time (s) | ms / image |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = [f"| {r.model} | {r.scheduler} | {r.steps} | {r.guidance:g} | {100 * r.accuracy:.1f}% | {r.fd:.1f} | "
+            f"{r.sample_s:.2f} | {r.ms_per_image:.2f} |" for r in results]
+    return "\n".join([head, *rows])
