@@ -1,8 +1,8 @@
 """``python -m fastdiff sample``: draw digits with an embedded (or any label-conditioned) model, write a PNG grid.
 
 Defaults: the ``digits`` model with its own sampler settings (DPM-Solver++ 20 steps, CFG 1.5), every digit, seed 0.
-Image ``j`` of label ``k`` starts from noise seeded by ``(seed, k * 10000 + j)``, so a digit's picture does not
-depend on which other labels were asked for, and the same seed gives the same PNG.
+Image ``j`` of label ``k`` starts from noise seeded by ``(stream_seed(seed, "sample"), k * 10000 + j)``, so a
+digit's picture does not depend on which other labels were asked for, and the same seed gives the same PNG.
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, schedu
          steps: int | None = None, guidance: float | None = None, backend: str = "auto", progress: bool = True):
     """Images (PIL, column by column: all of ``labels[0]`` first) and the sampler used.
 
-    Image ``j`` of label ``k`` starts from noise seeded by ``(seed, k * 10000 + j)``. ``None`` settings take the
+    Image ``j`` of label ``k`` starts from noise seeded by ``(stream_seed(seed, "sample"), k * 10000 + j)``
+    (see the module docstring). ``None`` settings take the
     model's defaults (``model.defaults``)."""
-    from fastdiff.models.generate import make_noise, make_sampler
+    from fastdiff.models.generate import make_noise, make_sampler, stream_seed
 
     defaults = getattr(model, "defaults", {}) or {}
     steps = steps if steps is not None else int(defaults.get("num_inference_steps", 20))
@@ -99,7 +100,7 @@ def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, schedu
     ids = [lab * 10000 + j for lab in labels for j in range(num_per_label)]
     y = torch.tensor([lab for lab in labels for _ in range(num_per_label)])
     size = model.unet.config.sample_size
-    noise = make_noise(seed, ids, (model.unet.config.in_channels, size, size))
+    noise = make_noise(stream_seed(seed, "sample"), ids, (model.unet.config.in_channels, size, size))
     images = sampler.sample(num_inference_steps=steps, guidance_scale=g, class_labels=y.to(sampler.device),
                             latents=noise.to(sampler.device, sampler.dtype), output_type="pil", progress=progress)
     return images, sampler, steps, g

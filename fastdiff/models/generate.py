@@ -7,6 +7,7 @@ shards, processes or machines. ``generate`` runs the sampler (``fastdiff.Sampler
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,12 @@ def sample_seed(base_seed: int, index: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """A base seed for a named stream (``"eval"``, ``"sample"``) derived from ``seed``: evaluation and the sample
+    command never reuse the noise of distillation triplets, which use ``seed`` itself."""
+    return sample_seed(seed, 0x100000000 - 1 - zlib.crc32(stream.encode()) % 0x10000)
 
 
 def make_noise(base_seed: int, indices: Sequence[int] | torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

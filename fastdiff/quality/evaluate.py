@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fastdiff.models import digits
-from fastdiff.models.generate import balanced_labels, generate, make_noise, make_sampler
+from fastdiff.models.generate import balanced_labels, generate, make_noise, make_sampler, stream_seed
 from fastdiff.quality.classifier import predict, train_classifier
 from fastdiff.quality.frechet import frechet_distance
 
@@ -84,7 +84,8 @@ def evaluate(model="digits", scheduler=None, num_inference_steps: int | None = N
              device=None, batch_size: int = 500, progress: bool = False) -> EvalResult:
     """Measure one setting. ``None`` for scheduler / steps / guidance takes the model's defaults.
 
-    Images: ``num_per_class * 10``, sample ``i`` asks for digit ``i % 10`` from noise seeded by ``(seed, i)``.
+    Images: ``num_per_class * 10``, sample ``i`` asks for digit ``i % 10`` from noise seeded by
+    ``(stream_seed(seed, "eval"), i)`` -- never the noise distillation triplets were made from.
     """
     from fastdiff.models import load
 
@@ -97,7 +98,7 @@ def evaluate(model="digits", scheduler=None, num_inference_steps: int | None = N
     idx = torch.arange(n)
     labels = balanced_labels(idx, m.num_classes)
     size = m.unet.config.sample_size
-    noise = make_noise(seed, idx, (m.unet.config.in_channels, size, size))
+    noise = make_noise(stream_seed(seed, "eval"), idx, (m.unet.config.in_channels, size, size))
     generate(sampler, labels[:2], noise[:2], steps, g)  # warm-up: one-time costs are not sampling time
     if sampler.device.type == "cuda":
         torch.cuda.synchronize(sampler.device)
