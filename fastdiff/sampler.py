@@ -66,8 +66,10 @@ class Sampler:
             embedded model (``"digits"``, ``"digits-onestep"``), or a path to an exported ``.onnx`` / engine file.
             None means ``"digits"``.
         scheduler: a scheduler name (``"dpmpp_2m"``, ``"euler_a"``, ...), a diffusers scheduler object, its
-            config dict, a ``scheduler_config.json`` path, or a ``fastdiff.schedulers.Scheduler``. None uses the
-            model's own scheduler config when it has one, else ``"dpmpp_2m"``.
+            config dict, a ``scheduler_config.json`` path, or a ``fastdiff.schedulers.Scheduler``. A name on a
+            model that carries a scheduler config (embedded models, exported files) takes that config's noise
+            schedule and prediction type, as diffusers' ``from_config`` does. None uses the model's own scheduler
+            config when it has one, else ``"dpmpp_2m"``.
         backend: ``"auto"`` or a step backend (``"torch"``, ``"cpp"``, ``"cuda"``, ``"triton"``; the model runs in
             PyTorch) or a model backend (``"onnxruntime"``, ``"tensorrt"``; the step picks its backend itself).
         device / dtype: where and in what precision to run (default: the model's).
@@ -87,7 +89,7 @@ class Sampler:
 
     def __init__(self, model=None, scheduler=None, backend: str = "auto", device=None, dtype=None,
                  step_backend: str | None = None, cuda_graph: bool = False):
-        from fastdiff.schedulers import get_scheduler
+        from fastdiff.schedulers import NAMES, get_scheduler
 
         model_backend, self.step_backend = _split_backend(backend, step_backend)
         model = _load_model(model)
@@ -98,10 +100,17 @@ class Sampler:
         self.runner = self._make_runner(unet, model_backend, device, dtype)
         if self.label_model is None:  # an exported file of a label model carries its label table
             self.label_model = getattr(self.runner, "label_model", None)
+        own_config = (getattr(self.label_model, "scheduler_config", None)
+                      or getattr(self.runner, "scheduler_config", None) or None)
         if scheduler is None:
-            scheduler = (getattr(self.label_model, "scheduler_config", None)
-                         or getattr(self.runner, "scheduler_config", None) or DEFAULT_SCHEDULER)
-        self.scheduler = get_scheduler(scheduler)
+            scheduler = own_config or DEFAULT_SCHEDULER
+        if isinstance(scheduler, str) and scheduler in NAMES and own_config:
+            # A name on a model that carries its scheduler config keeps the model's noise schedule and prediction
+            # type (diffusers' XScheduler.from_config(model_config)); without this, "ddim" on a v-prediction
+            # model trained on a cosine schedule would silently sample with epsilon / linear-beta defaults.
+            self.scheduler = get_scheduler(scheduler, config=own_config)
+        else:
+            self.scheduler = get_scheduler(scheduler)
         self.backend = backend
         self.cuda_graph = bool(cuda_graph)
         if self.cuda_graph and self.runner.device.type != "cuda":

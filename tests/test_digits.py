@@ -18,6 +18,7 @@ from fastdiff.__main__ import main as cli
 from fastdiff.cli_sample import draw, parse_labels
 from fastdiff.errors import InvalidInput, ModelNotFound
 from fastdiff.models import EMBEDDED, LabelConditionedUNet, available_models, digits, load, save
+from tests.tolerances import TRAINED_LOOP_RTOL, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 # The student is distilled from the teacher after it trains; until its weights ship, its tests skip with this reason.
@@ -86,6 +87,31 @@ def test_same_seed_same_images_other_seed_other_images():
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name,cls", [("ddim", "DDIMScheduler"), ("euler", "EulerDiscreteScheduler")])
+def test_scheduler_name_takes_the_models_schedule_like_diffusers_from_config(name, cls):
+    # The oracle: diffusers' XScheduler.from_config(model config) in a plain CFG loop over the same network.
+    import diffusers
+
+    m = load("digits")
+    ref_sched = getattr(diffusers, cls).from_config(m.scheduler_config)
+    ref_sched.set_timesteps(STEPS)
+    labels = torch.tensor([2, 7, 9])
+    noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    x = noise * ref_sched.init_noise_sigma
+    y = torch.cat([labels, torch.full_like(labels, m.null_label)])
+    with torch.no_grad():
+        for t in ref_sched.timesteps:
+            inp = ref_sched.scale_model_input(torch.cat([x, x]), t)
+            cond, uncond = m(inp, t.expand(6), y).chunk(2)
+            x = ref_sched.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
+    sampler = fastdiff.Sampler(m, scheduler=name)
+    assert sampler.scheduler.config["prediction_type"] == "v_prediction"
+    assert sampler.scheduler.config["beta_schedule"] == "squaredcos_cap_v2"
+    got = sampler.sample(num_inference_steps=STEPS, guidance_scale=2.0, class_labels=labels, latents=noise,
+                         output_type="latent", progress=False)
+    assert rel_err(got, x) < TRAINED_LOOP_RTOL, rel_err(got, x)
 
 
 @needs_student

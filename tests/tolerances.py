@@ -14,6 +14,9 @@ STEP_TOL = {
 # Scheduler parity against diffusers: max |a - b| / max |b| over a step (fp32), and over a full loop.
 SCHED_STEP_RTOL = 1e-5
 SCHED_LOOP_RTOL = 1e-4
+# A full loop of the trained digits network against a diffusers loop, fp32: the network amplifies rounding, and with
+# its cosine schedule Euler starts at sigma 2.0e4; diffusers' own fp32 loop is 2.7e-4 from its float64 run there.
+TRAINED_LOOP_RTOL = 1e-3
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, msg: str = ""):
