@@ -60,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
         results = sweep(args.model, [s.strip() for s in args.schedulers.split(",") if s.strip()],
                         _ints(args.steps_list), guidance_scale=args.guidance,
                         extra=[{"model": m} for m in args.extra_model], **common)
-        write_table(results, out / "sweep.md")
+        command = (f"python -m fastdiff eval --sweep --model {args.model} --schedulers {args.schedulers} "
+                   f"--steps-list {args.steps_list} --num-per-class {args.num_per_class} --seed {args.seed}"
+                   + (f" --guidance {args.guidance}" if args.guidance is not None else "")
+                   + (f" --backend {args.backend}" if args.backend != "auto" else "")
+                   + "".join(f" --extra-model {m}" for m in args.extra_model))
+        write_table(results, out / "sweep.md", note=f"Command: `{command}`.")
         plot(results, out / "sweep.png")
         print(format_table(results))
         print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'}")

@@ -88,6 +88,8 @@ def test_cli_eval(tiny_dir, tmp_path, capsys):
     assert cli(["eval", "--model", str(tiny_dir), "--sweep", "--schedulers", "ddim", "--steps-list", "1,2",
                 "--num-per-class", "2", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep.md").exists()
+    md = (tmp_path / "sweep.md").read_text()
+    assert f"torch {torch.__version__}" in md and "--schedulers ddim --steps-list 1,2 --num-per-class 2" in md
     assert cli(["eval", "--model", str(tiny_dir), "--sweep", "--out-dir", str(tmp_path / "missing")]) == 2
     assert cli(["eval", "--model", "nope"]) == 2
     assert "'digits'" in capsys.readouterr().err

@@ -3,10 +3,13 @@ and a quality-against-time plot (PNG)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+import torch
 
 from fastdiff.quality.evaluate import EvalResult, evaluate, format_table, machine_description
 
@@ -81,6 +84,7 @@ def write_table(results: list[EvalResult], path: str | os.PathLike, note: str = 
         lines.append(f"Machine: {r0.device if r0.device else machine_description()}. Judge: CNN trained on 75% of the "
                      f"real digits, held-out accuracy {100 * r0.classifier_accuracy:.1f}%. FD of real vs real "
                      f"(two halves): {r0.fd_real_floor:.1f}. {r0.n} images per row.")
+        lines.append(f"Made {datetime.date.today().isoformat()} with torch {torch.__version__}.")
     if note:
         lines.append(note)
     p.write_text("\n".join(lines) + "\n")
