@@ -3,6 +3,7 @@ CPU) with crash + resume, and the one-step student (init, training, save / load 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -162,3 +163,19 @@ def test_student_trains_saves_and_samples_in_one_step(tiny_dir, tmp_path):
     with torch.no_grad():
         before = (init(z, torch.full((8,), 999), y) - x0).pow(2).mean()
     assert (out - x0).pow(2).mean() < before  # training moved it towards the teacher's images
+
+
+def test_checkpoints_carry_the_full_settings(tiny_dir, tmp_path, monkeypatch):
+    import fastdiff.models
+
+    spec = TripletSpec(teacher=str(tiny_dir), num_samples=8, shard_size=8, num_inference_steps=2)
+    run_distributed(spec, tmp_path / "trip", progress=False)
+    saved = []
+    real_save = fastdiff.models.save
+    monkeypatch.setattr(fastdiff.models, "save", lambda *a, **k: saved.append(k["metadata"]) or real_save(*a, **k))
+    train_student(str(tiny_dir), tmp_path / "trip", tmp_path / "student", steps=5, batch_size=4, save_every=2,
+                  seed=3, progress=False, metadata={"triplets": "trip"})
+    assert [m["steps_done"] for m in saved] == [2, 4, 5]
+    for m in saved:
+        assert m["num_triplets"] == 8 and m["steps"] == 5 and m["seed"] == 3 and m["triplets"] == "trip"
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["metadata"]["steps_done"] == 5

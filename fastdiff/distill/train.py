@@ -92,6 +92,10 @@ def train_student(teacher, triplets: str | os.PathLike | dict, out: str | os.Pat
     g = torch.Generator().manual_seed(seed)
     perm, pos = torch.randperm(n, generator=g), 0
     defaults = {"scheduler": "onestep", "num_inference_steps": 1, "guidance_scale": 1.0}
+    meta = {"teacher": str(getattr(t_model, "name", teacher)), "num_triplets": n, "steps": steps,
+            "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "seed": seed,
+            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            **(metadata or {})}
     t0 = time.time()
     avg = None
     bar = tqdm(range(steps), desc="distill one-step", disable=not progress, mininterval=2.0)
@@ -117,12 +121,10 @@ def train_student(teacher, triplets: str | os.PathLike | dict, out: str | os.Pat
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {avg:.5f} elapsed {time.time() - t0:.0f}s", flush=True)
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            # a checkpoint of a longer run: the full settings, so it is reproducible on its own
             save(ema, Path(out), name=name or f"{getattr(t_model, 'name', 'model')}-onestep", defaults=defaults,
-                 metadata={"steps_done": step + 1, **(metadata or {})})
-    meta = {"teacher": str(getattr(t_model, "name", teacher)), "num_triplets": n, "steps": steps,
-            "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "seed": seed,
-            "wall_s": round(time.time() - t0, 1), "final_loss_ema": avg, "threads": torch.get_num_threads(),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores", **(metadata or {})}
+                 metadata={**meta, "steps_done": step + 1, "wall_s": round(time.time() - t0, 1), "loss_ema": avg})
+    meta.update(steps_done=steps, wall_s=round(time.time() - t0, 1), final_loss_ema=avg)
     save(ema, Path(out), name=name or f"{getattr(t_model, 'name', 'model')}-onestep", defaults=defaults, metadata=meta)
     if progress:
         print(f"saved student to {out} ({steps} steps, {meta['wall_s']:.0f}s)", flush=True)
