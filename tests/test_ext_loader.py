@@ -33,10 +33,14 @@ def test_import_fastdiff_without_compiled_modules():
         "assert not _ext.cpu_available() and not _ext.cuda_available()\n"
         "assert 'ModuleNotFoundError' in _ext.cpu_error(), _ext.cpu_error()\n"
         "assert resolve('auto', torch.empty(1)).name == 'torch'\n"
+        "assert resolve('auto', torch.empty(2)).name == 'torch'\n"
         "print('ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    # the fall-back to the slow reference is said once, where users see it (stderr), with the reason
+    assert res.stderr.count("using step backend 'torch'") == 1, res.stderr
+    assert "cpp: the C++ extension is not built" in res.stderr and "python -m fastdiff info" in res.stderr
 
 
 def test_missing_module_raises_typed_error_with_versions(monkeypatch, fresh_loader):

@@ -139,7 +139,11 @@ def resolve(name: str, x: torch.Tensor) -> StepBackend:
             key = (x.device.type, candidate, tuple(tried))
             if tried and key not in _logged_fallbacks:
                 _logged_fallbacks.add(key)
-                log.info("fastdiff: using step backend %r (%s)", candidate, "; ".join(tried))
+                # Landing on the reference means no fast kernel runs at all (e.g. the compiled module is not
+                # built, or Python imports an uncompiled source tree): say so where users see it, once.
+                slow = candidate == "torch"
+                log.log(logging.WARNING if slow else logging.INFO, "fastdiff: using step backend %r (%s)%s",
+                        candidate, "; ".join(tried), "; `python -m fastdiff info` says what can run" if slow else "")
             return backend
         tried.append(f"{candidate}: {reasons[0]}")
     raise BackendUnavailable("auto", tried)
