@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from fastdiff._atomic import atomic_write_bytes, atomic_write_text
 from fastdiff.errors import InvalidInput
 from fastdiff.models.generate import balanced_labels, generate, make_noise, make_sampler
 
@@ -56,19 +56,9 @@ def shard_path(out: Path, k: int) -> Path:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -88,14 +78,7 @@ def _check_manifest(out: Path, spec: TripletSpec, rank: int, world: int) -> None
             raise InvalidInput(f"{out} holds triplets made with different settings (existing, requested): {diff}; "
                                "use another --out directory or delete it")
     elif rank == 0:
-        _atomic_bytes(path, (json.dumps(want, indent=1) + "\n").encode())
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(want, indent=1) + "\n")
 
 
 def generate_shards(spec: TripletSpec, out: str | os.PathLike, rank: int = 0, world_size: int = 1,

@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fastdiff._atomic import atomic_write_text
 from fastdiff.errors import BackendUnavailable, InvalidInput
-from fastdiff.export._files import atomic_write_text
 from fastdiff.export.profiles import DimRange, ExportProfile, auto_profile, infer_family, load_profile
 from fastdiff.export.report import ExportReport
 from fastdiff.export.source import ModelSource, resolve_model

@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastdiff._atomic import atomic_write_bytes
 from fastdiff.errors import BackendUnavailable, ExportError, InvalidInput
-from fastdiff.export._files import atomic_write_bytes, cache_root, onnx_digest
+from fastdiff.export._files import cache_root, onnx_digest
 from fastdiff.export.graph import TensorSpec
 from fastdiff.export.profiles import DimRange
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fastdiff._atomic import atomic_write_bytes
 from fastdiff.errors import ModelNotFound
 from fastdiff.models.conditioning import LabelConditionedUNet
 
@@ -112,21 +112,6 @@ def load(name_or_path: str | os.PathLike, device: torch.device | str | None = No
     return model
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; package data must be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save(model: LabelConditionedUNet, directory: str | os.PathLike, *, scheduler_config: dict | None = None,
          defaults: dict | None = None, metadata: dict | None = None, name: str | None = None,
          dtype: torch.dtype = torch.float16) -> Path:
@@ -151,6 +136,6 @@ def save(model: LabelConditionedUNet, directory: str | os.PathLike, *, scheduler
         "metadata": dict(metadata or {}),
     }
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(d / WEIGHTS_NAME, st_save(state, metadata={"format": FORMAT}))
-    _atomic_write_bytes(d / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(d / WEIGHTS_NAME, st_save(state, metadata={"format": FORMAT}))
+    atomic_write_bytes(d / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=False) + "\n").encode())
     return d
