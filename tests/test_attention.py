@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fastdiff.errors import BackendUnavailable, InvalidInput, UnknownBackend
 from fastdiff.ops.attention import attention
+from tests.kernel_helpers import compile_recording, cuda_only
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -52,20 +53,6 @@ def make_qkv(b, h, lq, lk, d, dtype, device, seed=0, layout="bhld"):
         kv = rnd(b, lk, 2, h, d)
         k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
     return q, k, v
-
-
-def compile_recording(fn, graphs: list):
-    """torch.compile(fn, fullgraph=True) through aot_eager (fake-tensor tracing, functionalisation), recording each
-    captured graph's code so a test can check that the custom op -- not its implementation -- was traced."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    aot_eager = lookup_backend("aot_eager")
-
-    def backend(gm, example_inputs):
-        graphs.append(gm.code)
-        return aot_eager(gm, example_inputs)
-
-    return torch.compile(fn, backend=backend, fullgraph=True)
 
 
 def check(out, q, k, v, tol, scale=None):
@@ -266,16 +253,12 @@ class TestCompilesOffline:
             (16, 0), (32, 16), (64, 0), (64, 16), (64, 32), (128, 0), (128, 32), (256, 0)]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA not available)")
+@cuda_only
+@pytest.mark.usefixtures("compiled_triton")
 class TestTritonCuda(_AttentionChecks):
     device = "cuda"
     # Real UNet sizes too: SD1.5 64x64 latents (4096 tokens), 77 text tokens; SDXL 1024 tokens.
     shapes = ((2, 8, 4096, 4096), (2, 8, 4096, 77), (1, 3, 333, 97))
-
-    @pytest.fixture(autouse=True)
-    def _compiled(self, monkeypatch):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
     @pytest.mark.parametrize("d", HEAD_DIMS)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastdiff.errors import BackendUnavailable, InvalidInput
 from fastdiff.ops.geglu import geglu
+from tests.kernel_helpers import compile_recording, cuda_only
 
 pytest.importorskip("triton", reason="triton is not installed")
 # tanh via exp(2z): overflows to inf for large z (giving the right limit); numpy warns under the interpreter.
@@ -29,20 +30,6 @@ TOL_INTERPRET = {**TOL, torch.bfloat16: (2e-2, 3.2e-2)}  # the interpreter trunc
 def reference(x, approximate="none"):
     h, g = x.double().chunk(2, dim=-1)
     return h * F.gelu(g, approximate=approximate)
-
-
-def compile_recording(fn, graphs: list):
-    """torch.compile(fn, fullgraph=True) through aot_eager (fake-tensor tracing, functionalisation), recording each
-    captured graph's code so a test can check that the custom op -- not its implementation -- was traced."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    aot_eager = lookup_backend("aot_eager")
-
-    def backend(gm, example_inputs):
-        graphs.append(gm.code)
-        return aot_eager(gm, example_inputs)
-
-    return torch.compile(fn, backend=backend, fullgraph=True)
 
 
 def check(y, x, tol, approximate="none"):
@@ -154,15 +141,11 @@ class TestCompilesOffline:
         assert ".v4.b32" in ptx  # 8 x 16-bit per access
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA not available)")
+@cuda_only
+@pytest.mark.usefixtures("compiled_triton")
 class TestTritonCuda(_GegluChecks):
     device = "cuda"
     shapes = ((7, 48), (2, 4096, 2 * 1280), (1, 1, 2), (2, 1024, 2 * 5120))
-
-    @pytest.fixture(autouse=True)
-    def _compiled(self, monkeypatch):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
     def test_auto_picks_triton_and_matches(self, dtype):

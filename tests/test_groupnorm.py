@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastdiff.errors import BackendUnavailable, InvalidInput, UnknownBackend
 from fastdiff.ops.groupnorm import group_norm
+from tests.kernel_helpers import compile_recording, cuda_only
 
 pytest.importorskip("triton", reason="triton is not installed")
 # SiLU as y / (1 + exp(-y)): exp overflows to inf for y << 0 (giving the right limit, -0); numpy warns under the
@@ -43,20 +44,6 @@ def make(shape, groups, dtype, device, seed=0, affine=True, with_add=False, mean
     b = torch.randn(c, generator=g).to(device=device, dtype=dtype) if affine else None
     add = torch.randn(shape[0], c, generator=g).to(device=device, dtype=dtype) if with_add else None
     return x, w, b, add
-
-
-def compile_recording(fn, graphs: list):
-    """torch.compile(fn, fullgraph=True) through aot_eager (fake-tensor tracing, functionalisation), recording each
-    captured graph's code so a test can check that the custom op -- not its implementation -- was traced."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    aot_eager = lookup_backend("aot_eager")
-
-    def backend(gm, example_inputs):
-        graphs.append(gm.code)
-        return aot_eager(gm, example_inputs)
-
-    return torch.compile(fn, backend=backend, fullgraph=True)
 
 
 def check(y, x, groups, w, b, eps, silu, tol, add=None):
@@ -239,14 +226,10 @@ class TestCompilesOffline:
                 assert "ld.global.v4" in compiled.asm["ptx"] or "ld.global.L1::evict_last.v4" in compiled.asm["ptx"]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA not available)")
+@cuda_only
+@pytest.mark.usefixtures("compiled_triton")
 class TestTritonCuda(_GroupNormChecks):
     device = "cuda"
-
-    @pytest.fixture(autouse=True)
-    def _compiled(self, monkeypatch):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

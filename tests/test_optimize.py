@@ -19,6 +19,7 @@ import torch
 
 from fastdiff.errors import BackendUnavailable, UnknownBackend
 from fastdiff.optimize import FastAttnProcessor, OptimizeReport, is_optimized, optimize, restore
+from tests.kernel_helpers import cuda_only
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
@@ -226,13 +227,9 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA not available)")
+@cuda_only
+@pytest.mark.usefixtures("compiled_triton")
 class TestCuda:
-    @pytest.fixture(autouse=True)
-    def _compiled(self, monkeypatch):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
     def test_sd_like_unet_close_to_diffusers(self, dtype):
         unet = _sd_like("cuda", dtype)

@@ -16,6 +16,7 @@ import torch
 
 from fastdiff.ops import fused_step
 from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
+from tests.kernel_helpers import cuda_only
 from tests.tolerances import assert_close, poison
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -388,14 +389,10 @@ class TestTritonCompilesOffline:
             assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA not available)")
+@cuda_only
+@pytest.mark.usefixtures("compiled_triton")
 class TestTritonCuda(_StepChecks):
     device = "cuda"
-
-    @pytest.fixture(autouse=True)
-    def _compiled(self, monkeypatch):
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("shape", [(3, 4, 97, 61), (2, 4, 128, 128), (1, 16, 8, 60, 104), (2, 4, 1024, 1024)],
