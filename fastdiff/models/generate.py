@@ -46,20 +46,12 @@ def balanced_labels(indices: Sequence[int] | torch.Tensor, num_classes: int) -> 
 
 
 def resolve_scheduler(model, scheduler=None):
-    """The scheduler to sample ``model`` with: a name (``"euler"``, ``"onestep"``) takes the model's own noise
-    schedule and prediction type from ``model.scheduler_config`` (as diffusers' ``from_config`` does); ``None``
-    is the model's default scheduler name (``model.defaults["scheduler"]``) on that config, else the config itself;
-    anything else (config dict, Scheduler) is used as given."""
-    cfg = getattr(model, "scheduler_config", None) or None
+    """The scheduler to sample ``model`` with: ``None`` is the model's default scheduler name
+    (``model.defaults["scheduler"]``), else its scheduler config; anything else is passed on as given. A name takes
+    the model's noise schedule and prediction type from ``model.scheduler_config`` inside :class:`fastdiff.Sampler`
+    (as diffusers' ``from_config`` does)."""
     if scheduler is None:
         scheduler = (getattr(model, "defaults", None) or {}).get("scheduler")
-        if scheduler is None:
-            return cfg
-    if isinstance(scheduler, str) and cfg:
-        from fastdiff.schedulers.registry import NAMES, get_scheduler
-
-        if scheduler in NAMES:
-            return get_scheduler(scheduler, config=cfg)
     return scheduler
 
 
