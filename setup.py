@@ -135,7 +135,7 @@ class BuildExt(build_ext):
         build_temp.mkdir(parents=True, exist_ok=True)
         for src in cu:
             obj = build_temp / (Path(src).stem + ".o")
-            deps = [ROOT / src, *(ROOT / "csrc").rglob("*.h"), *(ROOT / "csrc").rglob("*.inc")]
+            deps = [ROOT / src, *(p for ext in ("*.h", "*.cuh", "*.inc") for p in (ROOT / "csrc").rglob(ext))]
             if self.force or not obj.exists() or any(d.stat().st_mtime > obj.stat().st_mtime for d in deps):
                 cmd = [nvcc, "-c", str(ROOT / src), "-o", str(obj), "-std=c++17", "-O3", "-DNDEBUG", "--fmad=false",
                        f"-I{ROOT / CSRC}", "-Xcompiler", "-fPIC,-fvisibility=hidden", *_gencode(archs)]

@@ -10,8 +10,9 @@ Suites (the ratio table of benches/conftest.py shows diffusers' median / each pr
   fastdiff's Triton flash attention, at the self- (4096 / 1024 / 256 tokens) and cross-attention (77 text tokens)
   shapes of SD1.5 (head dims 40 / 80 / 160, 8 heads) and SDXL (head dim 64), plus head dim 128; CFG batch 2,
   q / k / v as the (B, L, H·D) projection views diffusers passes. TFLOP/s in extra_info.
-- ``groupnorm_silu``: "diffusers" = ``F.silu(F.group_norm(x))`` vs fastdiff's fused kernel vs "copy", a
-  device-to-device copy of x (the floor: GroupNorm+SiLU must read x and write y). GB/s in extra_info.
+- ``groupnorm_silu``: "diffusers" = ``F.silu(F.group_norm(x))`` vs fastdiff's fused Triton kernel
+  ("fastdiff") and CUDA C++ kernel ("fastdiff-cxx"; the C++ one in a CPU dry run) vs "copy", a device-to-device
+  copy of x (the floor: GroupNorm+SiLU must read x and write y). GB/s in extra_info.
 - ``geglu``: "diffusers" = ``h * F.gelu(gate)`` after ``chunk`` vs fastdiff's one-pass kernel. GB/s.
 - ``unet_step``: one UNet forward on the CFG batch (2 x 4 x 64² for SD1.5 at 512², 2 x 4 x 128² for SDXL at
   1024², fp16, random weights from the architectures' configs, 77 text tokens): eager, torch.compile
@@ -177,10 +178,15 @@ def test_attention(benchmark, record, case, provider):
            tflops=4.0 * b * h * lq * lk * d / per / 1e12, us=per * 1e6)
 
 
-@pytest.mark.parametrize("provider", ["diffusers", "fastdiff", "copy"])
+@pytest.mark.parametrize("provider", ["diffusers", "fastdiff", "fastdiff-cxx", "copy"])
 @pytest.mark.parametrize("case", list(GROUPNORM))
 def test_groupnorm_silu(benchmark, record, case, provider):
+    from fastdiff import _ext
     from fastdiff.ops.groupnorm import group_norm
+
+    cxx = "cuda" if DEVICE == "cuda" else "cpp"  # the compiled kernel for this device
+    if provider == "fastdiff-cxx" and not (_ext.cuda_available() if cxx == "cuda" else _ext.cpu_available()):
+        pytest.skip(f"the {cxx} GroupNorm module is not built")
 
     shape = GROUPNORM[case]
     fmt = torch.channels_last if "channels-last" in case else torch.contiguous_format
@@ -197,6 +203,8 @@ def test_groupnorm_silu(benchmark, record, case, provider):
     elif provider == "fastdiff":
         be = "triton" if DEVICE == "cuda" else "auto"
         fn = rotating(lambda x, w, b: group_norm(x, 32, w, b, 1e-5, silu=True, backend=be), sets)
+    elif provider == "fastdiff-cxx":
+        fn = rotating(lambda x, w, b: group_norm(x, 32, w, b, 1e-5, silu=True, backend=cxx), sets)
     else:
         outs = [torch.empty_like(s[0]) for s in sets]
         fn = rotating(lambda x, w, b, y: y.copy_(x), [(*s, o) for s, o in zip(sets, outs, strict=True)])

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "groupnorm_params.h"
 #include "step_params.h"
 
 namespace fastdiff {
@@ -84,5 +85,39 @@ inline StepParams make_params(std::uintptr_t model_out, std::uintptr_t x, std::u
       py::arg("noise"), py::arg("next_in"), py::arg("m_scale"), py::arg("x0_limit"), py::arg("flag"),            \
       py::arg("flag_len"), py::arg("batch"), py::arg("per_sample"), py::arg("next_halves"), py::arg("dtype"),    \
       py::arg("cfg"), py::arg("guidance_scale"), py::arg("has_clip"), py::arg("clip_range")
+
+// The positional arguments of `group_norm` (see fastdiff/kernels/_common.py:group_norm_args), in this order.
+inline GroupNormParams make_group_norm_params(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight,
+                                              std::uintptr_t bias, std::uintptr_t add, std::int64_t n,
+                                              std::int64_t c, std::int64_t l, std::int64_t groups, std::int64_t sxn,
+                                              std::int64_t sxc, std::int64_t sxl, std::int64_t syn, std::int64_t syc,
+                                              std::int64_t syl, std::int64_t san, std::int64_t sac, int dtype,
+                                              int weight_dtype, int add_dtype, float eps, bool silu) {
+  GroupNormParams p;
+  p.x = as_ptr<const void>(x);
+  p.y = as_ptr<void>(y);
+  p.weight = as_ptr<const void>(weight);
+  p.bias = as_ptr<const void>(bias);
+  p.add = as_ptr<const void>(add);
+  p.n = n, p.c = c, p.l = l, p.groups = groups;
+  p.sxn = sxn, p.sxc = sxc, p.sxl = sxl, p.syn = syn, p.syc = syc, p.syl = syl, p.san = san, p.sac = sac;
+  p.dtype = dtype, p.weight_dtype = weight_dtype, p.add_dtype = add_dtype;
+  p.eps = eps, p.silu = silu;
+  return p;
+}
+
+#define FASTDIFF_GROUP_NORM_SIGNATURE                                                                             \
+  std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t add,             \
+      std::int64_t n, std::int64_t c, std::int64_t l, std::int64_t groups, std::int64_t sxn, std::int64_t sxc,      \
+      std::int64_t sxl, std::int64_t syn, std::int64_t syc, std::int64_t syl, std::int64_t san, std::int64_t sac,   \
+      int dtype, int weight_dtype, int add_dtype, float eps, bool silu
+#define FASTDIFF_GROUP_NORM_CALL                                                                                  \
+  make_group_norm_params(x, y, weight, bias, add, n, c, l, groups, sxn, sxc, sxl, syn, syc, syl, san, sac, dtype, \
+                         weight_dtype, add_dtype, eps, silu)
+#define FASTDIFF_GROUP_NORM_ARGS                                                                                  \
+  py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("add"), py::arg("n"), py::arg("c"),     \
+      py::arg("l"), py::arg("groups"), py::arg("sxn"), py::arg("sxc"), py::arg("sxl"), py::arg("syn"),            \
+      py::arg("syc"), py::arg("syl"), py::arg("san"), py::arg("sac"), py::arg("dtype"), py::arg("weight_dtype"),  \
+      py::arg("add_dtype"), py::arg("eps"), py::arg("silu")
 
 }  // namespace fastdiff

@@ -4,13 +4,15 @@
 #include <cstdint>
 
 #include "bindings_common.h"
+#include "cpu/groupnorm.h"
 #include "cpu/step.h"
 
 namespace py = pybind11;
+using fastdiff::make_group_norm_params;
 using fastdiff::make_params;
 
 PYBIND11_MODULE(_C_cpu, m) {
-  m.doc() = "fastdiff fused sampler step, C++ / OpenMP (raw pointers; called by fastdiff.kernels.cpu_step)";
+  m.doc() = "fastdiff fused sampler step and GroupNorm, C++ / OpenMP (raw pointers; called by fastdiff.kernels.cpu_*)";
   fastdiff::add_constants(m);
 
   m.def(
@@ -29,6 +31,16 @@ PYBIND11_MODULE(_C_cpu, m) {
       },
       FASTDIFF_STEP_ARGS, py::arg("num_threads"),
       "One fused step over contiguous CPU buffers given by address (0 = absent); coef is read on the host.");
+
+  m.def(
+      "group_norm",
+      [](FASTDIFF_GROUP_NORM_SIGNATURE, int num_threads) {
+        const fastdiff::GroupNormParams p = FASTDIFF_GROUP_NORM_CALL;
+        py::gil_scoped_release release;
+        fastdiff::group_norm_cpu(p, num_threads);
+      },
+      FASTDIFF_GROUP_NORM_ARGS, py::arg("num_threads"),
+      "y = GroupNorm(x + add) (then SiLU) over CPU buffers given by address and element strides (0 = absent).");
 
   py::dict info;
 #if defined(__clang__)

@@ -6,13 +6,15 @@
 #include <cstdint>
 
 #include "bindings_common.h"
+#include "cuda/groupnorm.h"
 #include "cuda/step.h"
 
 namespace py = pybind11;
+using fastdiff::make_group_norm_params;
 using fastdiff::make_params;
 
 PYBIND11_MODULE(_C_cuda, m) {
-  m.doc() = "fastdiff fused sampler step, CUDA (raw device pointers; called by fastdiff.kernels.cuda_step)";
+  m.doc() = "fastdiff fused sampler step and GroupNorm, CUDA (raw device pointers; called by fastdiff.kernels.cuda_*)";
   fastdiff::add_constants(m);
   // A RuntimeError subclass, so callers may catch either.
   py::register_exception<fastdiff::CudaError>(m, "CudaError", PyExc_RuntimeError);
@@ -32,6 +34,19 @@ PYBIND11_MODULE(_C_cuda, m) {
       FASTDIFF_STEP_ARGS, py::arg("stream"), py::arg("device"),
       "Enqueue one fused step on `stream` (cudaStream_t as int) of `device`; all addresses are device memory, "
       "the coefficient row included (never read by the host).");
+
+  m.def(
+      "group_norm",
+      [](FASTDIFF_GROUP_NORM_SIGNATURE, std::uintptr_t workspace, std::int64_t workspace_len, std::uintptr_t stream,
+         int device) {
+        const fastdiff::GroupNormParams p = FASTDIFF_GROUP_NORM_CALL;
+        fastdiff::group_norm_cuda(p, reinterpret_cast<float*>(workspace), workspace_len, stream, device);
+      },
+      FASTDIFF_GROUP_NORM_ARGS, py::arg("workspace"), py::arg("workspace_len"), py::arg("stream"), py::arg("device"),
+      "Enqueue y = GroupNorm(x + add) (then SiLU) on `stream` of `device`; workspace: float32 device scratch of "
+      "at least N * groups * GROUP_NORM_WORKSPACE_PER_GROUP elements.");
+  m.attr("GROUP_NORM_WORKSPACE_PER_GROUP") = fastdiff::kGroupNormWorkspacePerGroup;
+  m.attr("GROUP_NORM_MAX_CHANNELS_PER_GROUP") = fastdiff::kGroupNormMaxChannelsPerGroup;
 
   m.def("runtime_version_built", &fastdiff::cuda_runtime_version_built,
         "CUDART_VERSION the module was compiled against (e.g. 13000).");

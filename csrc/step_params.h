@@ -10,7 +10,7 @@
 namespace fastdiff {
 
 // Bumped whenever the Python <-> C++ calling convention changes; fastdiff/_ext.py refuses a stale build.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;  // 2: group_norm added
 
 // Column indices of a coefficient row: must match fastdiff.schedulers.plan.Col (a test compares them).
 namespace col {

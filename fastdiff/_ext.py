@@ -12,26 +12,41 @@ from __future__ import annotations
 import importlib
 import platform
 import sys
-from functools import cache
 
 from fastdiff.errors import ExtensionNotBuilt
 
 _REBUILD = "Rebuild with `pip install --no-build-isolation -v .` (needs a C++ compiler; nvcc for CUDA)."
 # Must match kAbiVersion in csrc/step_params.h.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
-@cache
+# {module name: (module or None, load error or None)}. A plain dict rather than functools.cache: torch.compile
+# traces through a cache wrapper (and would then trace importlib), but reads a dict entry as a constant.
+_loaded: dict[str, tuple] = {}
+
+
 def _load(name: str):
+    hit = _loaded.get(name)
+    if hit is not None:
+        return hit
     try:
         mod = importlib.import_module(f"fastdiff.{name}")
     except Exception as e:  # noqa: BLE001 - any failure to load is reported, never raised at import time
-        return None, f"{type(e).__name__}: {e}"
-    abi = getattr(mod, "ABI_VERSION", None)
-    if abi != ABI_VERSION:
-        return None, (f"stale build: {getattr(mod, '__file__', name)} has ABI version {abi}, this fastdiff expects "
-                      f"{ABI_VERSION}")
-    return mod, None
+        result = None, f"{type(e).__name__}: {e}"
+    else:
+        abi = getattr(mod, "ABI_VERSION", None)
+        result = (mod, None) if abi == ABI_VERSION else (
+            None, f"stale build: {getattr(mod, '__file__', name)} has ABI version {abi}, this fastdiff expects "
+                  f"{ABI_VERSION}")
+    _loaded[name] = result
+    return result
+
+
+def load_all() -> None:
+    """Load (or record why not) both modules now, e.g. before a torch.compile trace that asks whether they are
+    available: the trace then reads the recorded answer instead of running the import."""
+    _load("_C_cpu")
+    _load("_C_cuda")
 
 
 def cpu_module():

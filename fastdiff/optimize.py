@@ -35,7 +35,7 @@ from fastdiff.errors import BackendUnavailable, InvalidInput
 from fastdiff.ops.attention import attention
 from fastdiff.ops.geglu import geglu
 from fastdiff.ops.groupnorm import group_norm
-from fastdiff.ops.model_dispatch import check_backend_name, triton_environment_reasons
+from fastdiff.ops.model_dispatch import check_backend_name, environment_reasons
 
 log = logging.getLogger("fastdiff")
 
@@ -258,14 +258,18 @@ def _patch_unet_out(p: _Patcher, unet, covered: set) -> None:
         p.count("output GroupNorm+SiLU")
 
 
+# Backends that have a kernel for only some of the ops: the other layers are left as they are (and reported).
+GROUP_NORM_ONLY = ("cpp", "cuda")
+
+
 def _check_backend(unet: nn.Module, backend: str) -> None:
     check_backend_name(backend)
-    if backend == "triton":
+    if backend in ("triton", *GROUP_NORM_ONLY):
         param = next(unet.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        reasons = triton_environment_reasons(device)
+        reasons = environment_reasons(backend, device)
         if reasons:
-            raise BackendUnavailable("triton", reasons, hint="Use optimize(unet, backend='auto').")
+            raise BackendUnavailable(backend, reasons, hint="Use optimize(unet, backend='auto').")
 
 
 def optimize(unet: nn.Module, backend: str = "auto") -> OptimizeReport:
@@ -274,8 +278,10 @@ def optimize(unet: nn.Module, backend: str = "auto") -> OptimizeReport:
     Args:
         unet: a diffusers ``UNet2DConditionModel`` (any ``nn.Module`` holding diffusers ``Attention``,
             ``ResnetBlock2D``, ``nn.GroupNorm`` and ``GEGLU`` modules works).
-        backend: ``"auto"`` (Triton on CUDA tensors it supports, else the PyTorch reference), ``"triton"`` or
-            ``"torch"``; read at every call, so a model moved between devices keeps working.
+        backend: ``"auto"`` (Triton on CUDA tensors it supports, else the PyTorch reference), ``"triton"``,
+            ``"torch"``, or ``"cuda"`` / ``"cpp"`` (the CUDA C++ / C++ GroupNorm kernels: only the GroupNorm(+SiLU)
+            layers are replaced, attention and GEGLU stay as they are and are reported). Read at every call, so a
+            model moved between devices keeps working under ``"auto"``.
 
     Returns an :class:`OptimizeReport` (also logged as one line). Optimizing an optimized model first restores
     it. Undo with :func:`restore`. Works under ``torch.no_grad()`` / ``torch.inference_mode()``, inside CUDA
@@ -292,8 +298,11 @@ def optimize(unet: nn.Module, backend: str = "auto") -> OptimizeReport:
     p = _Patcher(backend)
     covered: set = set()
     modules = list(unet.named_modules())
+    no_kernel = f"has no {backend} kernel (backend={backend!r} fuses only GroupNorm(+SiLU))"
     for name, m in modules:
-        if isinstance(m, Attention):
+        if isinstance(m, (Attention, GEGLU)) and backend in GROUP_NORM_ONLY:
+            p.skip(name, f"{type(m).__name__} {no_kernel}")
+        elif isinstance(m, Attention):
             _patch_attention(p, name, m)
         elif type(m) is ResnetBlock2D:
             _patch_resnet(p, name, m, covered)

@@ -189,8 +189,8 @@ class TestDispatchAndErrors:
 
     def test_unknown_backend(self):
         q, k, v = make_qkv(1, 1, 4, 4, 16, torch.float32, "cpu")
-        with pytest.raises(UnknownBackend, match="auto, torch, triton"):
-            attention(q, k, v, backend="cuda")
+        with pytest.raises(UnknownBackend, match="auto, torch, triton, cpp, cuda"):
+            attention(q, k, v, backend="flash")
 
     @pytest.mark.parametrize("bad, match", [
         (lambda q, k, v: (q[0], k, v), "4-D"),
@@ -272,7 +272,7 @@ class TestTritonCuda(_AttentionChecks):
         from fastdiff.ops.model_dispatch import choose
 
         q, k, v = make_qkv(1, 2, 64, 64, 40, torch.float16, "cuda")
-        assert choose("attention", "auto", q.device, lambda: triton_reasons(q, k, v)) == "triton"
+        assert choose("attention", "auto", q.device, {"triton": lambda: triton_reasons(q, k, v)}) == "triton"
 
     @torch.no_grad()
     def test_cuda_graph_replay(self):

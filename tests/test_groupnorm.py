@@ -1,19 +1,24 @@
 """Fused GroupNorm (+ add, + SiLU) (``fastdiff.ops.groupnorm``) against float64 ``F.group_norm`` + ``F.silu``.
 
-Three ways: the Triton kernels under the interpreter on CPU tensors (marker ``triton_interpret``; TRITON_INTERPRET
-set per test), compiled offline for sm80 / sm90 (no GPU: compile, no spills, 16-byte vectors on NCHW), and the
-full grid on a GPU (marker ``cuda``, skipped without one).
+The same checks run on every kernel: Triton under the interpreter on CPU tensors (marker ``triton_interpret``;
+TRITON_INTERPRET set per test), the C++ kernel (marker ``ext``), and on a GPU (marker ``cuda``, skipped without one)
+Triton and the CUDA C++ kernel. Without a GPU both GPU kernels are also compiled offline (Triton for sm80 / sm90,
+nvcc for the .cu): they compile, do not spill and (NCHW) move 16-byte vectors.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastdiff import _ext
 from fastdiff.errors import BackendUnavailable, InvalidInput, UnknownBackend
-from fastdiff.ops.groupnorm import group_norm
+from fastdiff.ops.groupnorm import _LAUNCHERS, MAX_CHANNELS_PER_GROUP, group_norm
 from tests.kernel_helpers import compile_recording, cuda_only
+from tests.tolerances import STEP_TOL
 
 pytest.importorskip("triton", reason="triton is not installed")
 # SiLU as y / (1 + exp(-y)): exp overflows to inf for y << 0 (giving the right limit, -0); numpy warns under the
@@ -22,8 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# (rtol, atol) against float64 from the same rounded inputs: fp32 math, one rounding of the output.
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-2, 1.6e-2)}
+# (rtol, atol) against float64 from the same rounded inputs (fp32 math, one rounding of the output): the table's.
+TOL = STEP_TOL
 # The interpreter truncates fp32 -> bf16 instead of rounding to nearest: one more bf16 ulp.
 TOL_INTERPRET = {**TOL, torch.bfloat16: (2e-2, 3.2e-2)}
 
@@ -54,6 +59,7 @@ def check(y, x, groups, w, b, eps, silu, tol, add=None):
 
 class _GroupNormChecks:
     device = "cpu"
+    backend = "triton"
     tol = TOL
     # (shape, groups): odd spatial sizes, 1x1, 3-D and 2-D inputs, channels per group 1 / 3 / 4 / 10.
     shapes = (((2, 32, 7, 5), 8), ((1, 20, 9, 11), 2), ((3, 12, 1, 1), 4), ((2, 6, 13), 3), ((4, 8), 2),
@@ -64,7 +70,7 @@ class _GroupNormChecks:
     def test_fp32_shapes(self, case, silu):
         shape, groups = self.shapes[case]
         x, w, b, _ = make(shape, groups, torch.float32, self.device, seed=case)
-        check(group_norm(x, groups, w, b, 1e-5, silu, backend="triton"), x, groups, w, b, 1e-5, silu, self.tol)
+        check(group_norm(x, groups, w, b, 1e-5, silu, backend=self.backend), x, groups, w, b, 1e-5, silu, self.tol)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -72,28 +78,28 @@ class _GroupNormChecks:
         x, w, b, add = make((2, 40, 6, 7), 4, dtype, self.device, seed=1, with_add=True)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        y = group_norm(x, 4, w, b, 1e-6, True, add=add, backend="triton")
+        y = group_norm(x, 4, w, b, 1e-6, True, add=add, backend=self.backend)
         check(y, x, 4, w, b, 1e-6, True, self.tol, add)
         assert y.is_contiguous(memory_format=torch.channels_last) == channels_last  # memory format kept
 
     @pytest.mark.parametrize("affine", [False, True])
     def test_without_affine_and_with_add(self, affine):
         x, w, b, add = make((2, 16, 5, 3), 4, torch.float32, self.device, affine=affine, with_add=True)
-        check(group_norm(x, 4, w, b, add=add, backend="triton"), x, 4, w, b, 1e-5, False, self.tol, add)
+        check(group_norm(x, 4, w, b, add=add, backend=self.backend), x, 4, w, b, 1e-5, False, self.tol, add)
 
     def test_weight_only(self):
         x, w, _, _ = make((2, 16, 5, 3), 4, torch.float32, self.device)
-        check(group_norm(x, 4, w, None, backend="triton"), x, 4, w, None, 1e-5, False, self.tol)
+        check(group_norm(x, 4, w, None, backend=self.backend), x, 4, w, None, 1e-5, False, self.tol)
 
     def test_strided_input(self):
         x, w, b, add = make((2, 24, 9, 10), 6, torch.float32, self.device, with_add=True)
         xs = x[:, :, ::2, 1:]  # spatial dims do not flatten to one stride: copied
         xt = x.transpose(2, 3)  # flattens, but not (C, L) contiguous
         for v in (xs, xt):
-            check(group_norm(v, 6, w, b, silu=True, add=add[:, :], backend="triton"), v, 6, w, b, 1e-5, True,
+            check(group_norm(v, 6, w, b, silu=True, add=add[:, :], backend=self.backend), v, 6, w, b, 1e-5, True,
                   self.tol, add)
         add_t = torch.randn(24, 2, device=self.device).t()  # a non-contiguous (N, C) add
-        check(group_norm(x, 6, w, b, add=add_t, backend="triton"), x, 6, w, b, 1e-5, False, self.tol, add_t)
+        check(group_norm(x, 6, w, b, add=add_t, backend=self.backend), x, 6, w, b, 1e-5, False, self.tol, add_t)
 
     def test_large_mean_small_std(self):
         # |mean| / std = 1e4: a sum / sum-of-squares variance would lose every digit in fp32 (even go negative);
@@ -101,13 +107,12 @@ class _GroupNormChecks:
         # fp32 GroupNorm makes (about ulp(1000) / std = 6e-4 of a standard deviation).
         x, w, b, _ = make((2, 8, 17, 19), 2, torch.float32, self.device, mean=1000.0, std=0.1)
         ref = reference(x, 2, w, b, 1e-5, True)
-        err = (group_norm(x, 2, w, b, silu=True, backend="triton").double() - ref).abs().max().item()
+        err = (group_norm(x, 2, w, b, silu=True, backend=self.backend).double() - ref).abs().max().item()
         err_torch = (F.silu(F.group_norm(x, 2, w, b)).double() - ref).abs().max().item()
         assert err <= 2 * err_torch + 1e-4 and err < 1e-2, (err, err_torch)
 
     def test_kernel_writes_every_output(self):
-        from fastdiff.kernels.triton.groupnorm import launch
-
+        launch = importlib.import_module(_LAUNCHERS[self.backend]).launch
         x, w, b, add = make((3, 12, 7, 5), 3, torch.float32, self.device, with_add=True)
         for fmt in (torch.contiguous_format, torch.channels_last):
             y = torch.full_like(x, float("nan")).to(memory_format=fmt)
@@ -144,6 +149,105 @@ class TestTritonInterpret(_GroupNormChecks):
         assert "torch.ops.fastdiff.group_norm" in graphs[0]
 
 
+_CPU_EXT = pytest.mark.skipif(not _ext.cpu_available(), reason=f"fastdiff._C_cpu is not built: {_ext.cpu_error()}")
+_CUDA_EXT = pytest.mark.skipif(not _ext.cuda_available(),
+                               reason=f"fastdiff._C_cuda is not built: {_ext.cuda_error()}")
+
+
+@pytest.mark.ext
+@_CPU_EXT
+class TestCpp(_GroupNormChecks):
+    backend = "cpp"
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+    def test_runs_across_tiles_and_channels(self, dtype):
+        """A dense NCHW group is walked as one run of C/G x L elements (2,652 here): 512-element tiles then cut
+        channels in the middle, so the add, scale and shift change inside a tile."""
+        x, w, b, add = make((2, 24, 13, 17), 2, dtype, "cpu", seed=3, with_add=True)
+        check(group_norm(x, 2, w, b, silu=True, add=add, backend="cpp"), x, 2, w, b, 1e-5, True, TOL, add)
+
+    def test_mixed_precision_parameters(self):
+        x, w, b, add = make((2, 16, 6, 5), 4, torch.float16, "cpu", with_add=True)
+        for w_, b_, a_ in ((w.float(), b.float(), add.float()), (w, b.float(), add), (None, b.bfloat16(), None)):
+            check(group_norm(x, 4, w_, b_, silu=True, add=a_, backend="cpp"), x, 4, w_, b_, 1e-5, True, TOL, a_)
+
+    def test_several_threads(self, monkeypatch):
+        from fastdiff.kernels import cpu_groupnorm
+
+        monkeypatch.setattr(cpu_groupnorm, "GRAIN", 1)  # one thread per element: as many as torch allows
+        old = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                x, w, b, add = make((2, 16, 33, 33), 4, torch.float32, "cpu", seed=4, with_add=True)
+                x = x.to(memory_format=fmt)
+                check(group_norm(x, 4, w, b, silu=True, add=add, backend="cpp"), x, 4, w, b, 1e-5, True, TOL, add)
+        finally:
+            torch.set_num_threads(old)
+
+    def test_under_torch_compile(self):
+        x, w, b, add = make((2, 16, 5, 3), 4, torch.float32, "cpu", with_add=True)
+        graphs = []
+        fn = compile_recording(lambda x: group_norm(x, 4, w, b, silu=True, add=add, backend="cpp") + 1, graphs)
+        torch.testing.assert_close(fn(x).double(), reference(x, 4, w, b, 1e-5, True, add) + 1, rtol=1e-5,
+                                   atol=1e-5)
+        assert "torch.ops.fastdiff.group_norm" in graphs[0] and "'cpp'" in graphs[0]
+
+    def test_malformed_call_is_a_value_error(self):
+        from fastdiff.kernels._common import group_norm_args
+
+        x = torch.randn(1, 6, 4)
+        args = list(group_norm_args(x, torch.empty_like(x), None, None, None, 4, 1e-5, False))
+        with pytest.raises(ValueError, match="divisor"):
+            _ext.require_cpu().group_norm(*args, 1)  # 4 groups do not divide 6 channels: nothing is run
+
+
+@pytest.mark.ext
+@_CUDA_EXT
+class TestCudaModuleWithoutGpu:
+    def test_constants_match_python(self):
+        mod = _ext.require_cuda()
+        assert mod.GROUP_NORM_MAX_CHANNELS_PER_GROUP == MAX_CHANNELS_PER_GROUP
+        assert mod.GROUP_NORM_WORKSPACE_PER_GROUP > 0
+
+    def test_call_without_gpu_raises_clear_error(self):
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible: this checks the no-GPU path")
+        mod = _ext.require_cuda()
+        # Valid sizes and made-up addresses: the device is selected before any memory is touched.
+        args = (16, 16, 0, 0, 0, 1, 4, 8, 2, 32, 8, 1, 32, 8, 1, 0, 0, 0, 0, 0, 1e-5, True, 16, 2 * 192, 0, 0)
+        with pytest.raises(mod.CudaError, match="needs an NVIDIA GPU"):
+            mod.group_norm(*args)
+
+
+@pytest.mark.slow
+class TestNvccCompilesGroupNorm:
+    """csrc/cuda/groupnorm.cu through nvcc for sm_80 and sm_90 without a GPU: compiles, no kernel spills, and the
+    vector kernels load 16 bytes at a time."""
+
+    def test_compiles_without_spills(self, tmp_path):
+        import shutil
+        import subprocess
+        from pathlib import Path
+
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            pytest.skip("nvcc is not installed")
+        root = Path(__file__).resolve().parents[1]
+        src = root / "csrc" / "cuda" / "groupnorm.cu"
+        base = [nvcc, "-std=c++17", "--fmad=false", f"-I{root / 'csrc'}", str(src)]
+        res = subprocess.run([*base, "-c", "-o", str(tmp_path / "gn.o"), "-Xptxas", "-v",
+                              "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        spills = [line for line in res.stderr.splitlines() if "spill" in line]
+        assert len(spills) == 2 * 2 * 2 * 3  # 2 archs x 2 kernels x 2 widths x 3 dtypes
+        assert all("0 bytes spill stores, 0 bytes spill loads" in line for line in spills), spills
+        ptx = subprocess.run([*base, "-ptx", "-arch=sm_90", "-o", "-"], capture_output=True, text=True)
+        assert ptx.returncode == 0, ptx.stderr
+        assert "ld.global.v4" in ptx.stdout or "ld.global.nc.v4" in ptx.stdout
+
+
 class TestDispatchAndErrors:
     def test_auto_on_cpu_is_the_reference_exactly(self):
         x, w, b, add = make((2, 16, 5, 3), 4, torch.float32, "cpu", with_add=True)
@@ -164,8 +268,23 @@ class TestDispatchAndErrors:
             group_norm(x, 2, backend="triton")
 
     def test_unknown_backend(self):
-        with pytest.raises(UnknownBackend):
-            group_norm(torch.randn(1, 4, 2, 2), 2, backend="cpp")
+        with pytest.raises(UnknownBackend, match="cudnn"):
+            group_norm(torch.randn(1, 4, 2, 2), 2, backend="cudnn")
+
+    def test_named_kernel_on_the_wrong_device_raises(self):
+        x = torch.randn(1, 4, 3, 3)
+        with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+            group_norm(x, 2, backend="cuda")
+
+    def test_ops_without_that_kernel_say_so(self):
+        from fastdiff.ops.attention import attention
+        from fastdiff.ops.geglu import geglu
+
+        q = torch.randn(1, 2, 8, 16)
+        with pytest.raises(BackendUnavailable, match="attention has no cpp kernel"):
+            attention(q, q, q, backend="cpp")
+        with pytest.raises(BackendUnavailable, match="geglu has no cuda kernel"):
+            geglu(torch.randn(2, 8), backend="cuda")
 
     @pytest.mark.parametrize("kwargs, match", [
         (dict(x=torch.randn(4)), r"\(N, C, \*\)"),
@@ -256,4 +375,43 @@ class TestTritonCuda(_GroupNormChecks):
     def test_torch_compile_inductor(self):
         x, w, b, _ = make((2, 320, 32, 32), 32, torch.float16, "cuda")
         fn = torch.compile(lambda x: group_norm(x, 32, w, b, silu=True) * 2, fullgraph=True)
+        torch.testing.assert_close(fn(x).double(), 2 * reference(x, 32, w, b, 1e-5, True), rtol=2e-3, atol=4e-3)
+
+
+@cuda_only
+@_CUDA_EXT
+class TestCudaExt(_GroupNormChecks):
+    device = "cuda"
+    backend = "cuda"
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 8, 8), (2, 320, 128, 128),
+                                       (3, 96, 37, 29), (1, 64, 256, 256)], ids=str)
+    def test_unet_shapes(self, dtype, channels_last, shape):
+        x, w, b, add = make(shape, 32, dtype, "cuda", with_add=True)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        check(group_norm(x, 32, w, b, 1e-5, True, add=add, backend="cuda"), x, 32, w, b, 1e-5, True, TOL, add)
+
+    def test_misaligned_input_takes_the_scalar_path(self):
+        x, w, b, add = make((2, 64, 16, 17), 8, torch.float16, "cuda", with_add=True)
+        v = x.flatten(2)[:, :, 1:]  # (N, C, 271): rows start off 16-byte boundaries
+        check(group_norm(v, 8, w, b, silu=True, add=add, backend="cuda"), v, 8, w, b, 1e-5, True, TOL, add)
+
+    @torch.no_grad()
+    def test_cuda_graph_replay(self):
+        x, w, b, add = make((2, 320, 32, 32), 32, torch.float16, "cuda", with_add=True)
+        group_norm(x, 32, w, b, silu=True, add=add, backend="cuda")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = group_norm(x, 32, w, b, silu=True, add=add, backend="cuda")
+        x.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        check(y, x, 32, w, b, 1e-5, True, TOL, add)
+
+    def test_torch_compile_inductor(self):
+        x, w, b, _ = make((2, 320, 32, 32), 32, torch.float16, "cuda")
+        fn = torch.compile(lambda x: group_norm(x, 32, w, b, silu=True, backend="cuda") * 2, fullgraph=True)
         torch.testing.assert_close(fn(x).double(), 2 * reference(x, 32, w, b, 1e-5, True), rtol=2e-3, atol=4e-3)

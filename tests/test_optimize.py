@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastdiff import _ext
 from fastdiff.errors import BackendUnavailable, UnknownBackend
 from fastdiff.optimize import FastAttnProcessor, OptimizeReport, is_optimized, optimize, restore
 from tests.kernel_helpers import cuda_only
@@ -180,10 +181,28 @@ class TestOnCpu:
             assert report.replaced == {"ResnetBlock2D (GroupNorm+SiLU x2)": 1}
             assert torch.equal(block(x, temb), ref)
 
+    @pytest.mark.ext
+    @pytest.mark.skipif(not _ext.cpu_available(), reason="fastdiff._C_cpu is not built")
+    def test_cpp_backend_fuses_the_group_norms_only(self):
+        unet = make_unet()
+        x, t, ehs = inputs(unet)
+        ref = forward(unet, x, t, ehs)
+        report = optimize(unet, backend="cpp")
+        assert report.replaced == {"ResnetBlock2D (GroupNorm+SiLU x2)": 8, "output GroupNorm+SiLU": 1, "GroupNorm": 4}
+        kinds = {reason.split(" ")[0] for _, reason in report.skipped}
+        assert kinds == {"Attention", "GEGLU"} and all("no cpp kernel" in r for _, r in report.skipped)
+        out = forward(unet, x, t, ehs)
+        assert not torch.equal(out, ref)  # the C++ kernel ran (its fp32 sums round differently)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        restore(unet)
+        assert torch.equal(forward(unet, x, t, ehs), ref)
+
     def test_bad_backends(self, monkeypatch):
         unet = make_unet()
         with pytest.raises(UnknownBackend):
-            optimize(unet, backend="cuda")
+            optimize(unet, backend="cudnn")
+        with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+            optimize(unet, backend="cuda")  # the UNet is on the CPU
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
             optimize(unet, backend="triton")

@@ -18,95 +18,18 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
 #include "step.h"
 
 namespace fastdiff {
 namespace {
 
+using namespace gpu;  // NOLINT: storage packs and runtime helpers of common.cuh
+
 constexpr int kThreads = 256;
 // Caps registers at 80 for the 8-wide kernels (no spills on sm_80 / sm_90; 4 would spill): 3+ resident blocks of
 // 8 warps per SM, each thread with several independent 16-byte loads in flight, is enough to cover DRAM latency.
 constexpr int kMinBlocksPerSm = 3;
-constexpr int kMaxDevices = 64;
-
-// ---- storage <-> fp32 -------------------------------------------------------------------------------------
-
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  static __device__ __forceinline__ float load(const float* p) { return *p; }
-  static __device__ __forceinline__ void store(float* p, float v) { *p = v; }
-  static __device__ __forceinline__ float round(float v) { return v; }
-};
-template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-  static __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-  static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-  static __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-  static __device__ __forceinline__ float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-};
-
-// V consecutive elements at p <-> V floats. V == 1 is the scalar path; the wider ones are one 16-byte access.
-template <typename T, int V>
-struct Pack {
-  static_assert(V == 1, "only the scalar pack is generic");
-  static __device__ __forceinline__ void load(const T* p, float* f) { f[0] = Elem<T>::load(p); }
-  static __device__ __forceinline__ void store(T* p, const float* f) { Elem<T>::store(p, f[0]); }
-};
-template <>
-struct Pack<float, 4> {
-  static __device__ __forceinline__ void load(const float* p, float* f) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
-  }
-  static __device__ __forceinline__ void store(float* p, const float* f) {
-    *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
-  }
-};
-template <>
-struct Pack<__half, 8> {
-  static __device__ __forceinline__ void load(const __half* p, float* f) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 v = __half22float2(h[k]);
-      f[2 * k] = v.x, f[2 * k + 1] = v.y;
-    }
-  }
-  static __device__ __forceinline__ void store(__half* p, const float* f) {
-    uint4 raw;
-    __half2* h = reinterpret_cast<__half2*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(f[2 * k], f[2 * k + 1]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  }
-};
-template <>
-struct Pack<__nv_bfloat16, 8> {
-  static __device__ __forceinline__ void load(const __nv_bfloat16* p, float* f) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 v = __bfloat1622float2(h[k]);
-      f[2 * k] = v.x, f[2 * k + 1] = v.y;
-    }
-  }
-  static __device__ __forceinline__ void store(__nv_bfloat16* p, const float* f) {
-    uint4 raw;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  }
-};
 
 // ---- the step ---------------------------------------------------------------------------------------------
 
@@ -286,8 +209,6 @@ bool can_vectorize(const StepParams& p) {
   return true;
 }
 
-[[noreturn]] void fail(const std::string& what, cudaError_t e);
-
 // Blocks of one full wave for this kernel on `device` (queried once per device): a grid-stride grid larger than
 // one wave would leave its last blocks starting late, a smaller one idles SMs.
 template <typename T, int V>
@@ -324,43 +245,6 @@ void launch_typed(const StepParams& p, cudaStream_t stream, int device, int sm_c
 // gen_instantiations.py): `void dispatch_dtype(const StepParams&, cudaStream_t, int device, int sm_count)`.
 #include "step_instantiations.inc"
 
-[[noreturn]] void fail(const std::string& what, cudaError_t e) {
-  throw CudaError("fastdiff._C_cuda: " + what + ": " + cudaGetErrorString(e) + " (" + cudaGetErrorName(e) +
-                  "). The CUDA module imports without a GPU but needs an NVIDIA GPU and driver to run.");
-}
-
-// Restores the caller's current device (torch's tensors may live on another device than the current one).
-struct DeviceGuard {
-  int prev = -1;
-  explicit DeviceGuard(int device) {
-    cudaError_t e = cudaGetDevice(&prev);
-    if (e != cudaSuccess) fail("cannot query the current CUDA device", e);
-    if (prev != device) {
-      e = cudaSetDevice(device);
-      if (e != cudaSuccess) fail("cannot select CUDA device " + std::to_string(device), e);
-    } else {
-      prev = -1;
-    }
-  }
-  ~DeviceGuard() {
-    if (prev >= 0) cudaSetDevice(prev);
-  }
-};
-
-std::atomic<int> g_sm_count[kMaxDevices];  // 0 = not queried yet
-
-int sm_count(int device) {
-  if (device >= 0 && device < kMaxDevices) {
-    const int cached = g_sm_count[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  int n = 0;
-  const cudaError_t e = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-  if (e != cudaSuccess) fail("cannot query CUDA device " + std::to_string(device), e);
-  if (device >= 0 && device < kMaxDevices) g_sm_count[device].store(n, std::memory_order_relaxed);
-  return n;
-}
-
 void check(bool cond, const std::string& msg) {
   if (!cond) throw std::invalid_argument("fastdiff._C_cuda.step: " + msg);
 }
@@ -377,13 +261,9 @@ void step_cuda(const StepParams& p, std::uintptr_t stream, int device) {
   DeviceGuard guard(device);
   const int sms = sm_count(device);
   // An error left pending by earlier work would otherwise be reported as ours.
-  cudaError_t e = cudaPeekAtLastError();
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    fail("a CUDA error was pending before the fused step (raised by earlier work)", e);
-  }
+  raise_pending("the fused step");
   dispatch_dtype(p, reinterpret_cast<cudaStream_t>(stream), device, sms);
-  e = cudaGetLastError();
+  const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) fail("fused step kernel launch failed", e);
 }
 

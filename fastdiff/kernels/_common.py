@@ -38,3 +38,28 @@ def step_args(model_out, x, coef, out, guidance_scale, cfg, hist, saved, noise, 
         0 if next_in is None else next_in.shape[0] // batch, code, bool(cfg), float(guidance_scale),
         clip_range is not None, 0.0 if clip_range is None else float(clip_range),
     )
+
+
+def group_norm_args(x, y, weight, bias, add, groups, eps, silu) -> tuple:
+    """The positional arguments of ``_C_cpu.group_norm`` / ``_C_cuda.group_norm`` (without their trailing extras)
+    for (N, C, L) views ``x`` / ``y`` of any strides, (C,) ``weight`` / ``bias`` and an (N, C) ``add`` (or None).
+
+    weight and bias must share a dtype (x's or float32) and be contiguous; :func:`fastdiff.ops.groupnorm.group_norm`
+    sees to it."""
+    code = DTYPE_CODES.get(x.dtype)
+    if code is None or y.dtype != x.dtype:
+        raise InvalidInput(f"the compiled GroupNorm supports {', '.join(map(str, DTYPE_CODES))}; got x {x.dtype}, "
+                           f"y {y.dtype}")
+    params = [t for t in (weight, bias) if t is not None]
+    if any(t.dtype != params[0].dtype or t.dtype not in DTYPE_CODES or not t.is_contiguous() for t in params):
+        raise InvalidInput("weight and bias must be contiguous and share one dtype of "
+                           f"{', '.join(map(str, DTYPE_CODES))}")
+    if add is not None and add.dtype not in DTYPE_CODES:
+        raise InvalidInput(f"add must be one of {', '.join(map(str, DTYPE_CODES))}, got {add.dtype}")
+    n, c, length = x.shape
+    a_strides = (0, 0) if add is None else add.stride()
+    return (
+        _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(add), n, c, length, groups, *x.stride(), *y.stride(),
+        *a_strides, code, DTYPE_CODES[params[0].dtype] if params else code,
+        code if add is None else DTYPE_CODES[add.dtype], float(eps), bool(silu),
+    )

@@ -113,7 +113,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     1280): Triton then proves 16-byte alignment and pipelines K / V loads asynchronously.
     """
     _validate(q, k, v, scale)
-    which = choose("attention", backend, q.device, lambda: triton_reasons(q, k, v), lambda: _auto_reasons(q))
+    which = choose("attention", backend, q.device, {"triton": lambda: triton_reasons(q, k, v)},
+                   lambda: _auto_reasons(q))
     if which == "torch":
         return attention_reference(q, k, v, scale)
     # The kernel needs unit stride along D (any other strides are passed through).

@@ -86,7 +86,7 @@ def geglu(x: torch.Tensor, approximate: str = "none", backend: str = "auto") -> 
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
     """
     _validate(x, approximate)
-    which = choose("geglu", backend, x.device, lambda: triton_reasons(x))
+    which = choose("geglu", backend, x.device, {"triton": lambda: triton_reasons(x)})
     if which == "torch":
         return geglu_reference(x, approximate)
     return (_geglu_op if tracing(x) else _geglu_impl)(x, approximate)

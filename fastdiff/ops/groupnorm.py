@@ -5,24 +5,36 @@
     y = y * sigmoid(y)                                  (when ``silu``)
 
 Backends (see :mod:`fastdiff.ops.model_dispatch`): ``"torch"`` is ``F.group_norm`` (+ ``F.silu``), exactly what
-diffusers runs; ``"triton"`` the two-pass kernel of :mod:`fastdiff.kernels.triton.groupnorm`, registered as the
-custom op ``fastdiff::group_norm`` (with a fake implementation) for ``torch.compile`` and CUDA graphs. Any
-(N, C, *) layout whose spatial dims flatten to one stride runs in place (NCHW, channels-last); the output keeps
-the input's memory format.
+diffusers runs; ``"triton"`` the two-pass kernel of :mod:`fastdiff.kernels.triton.groupnorm`; ``"cuda"`` the CUDA
+C++ kernel of csrc/cuda/groupnorm.cu (same two-launch plan, 16-byte vectors); ``"cpp"`` the C++ / OpenMP kernel of
+csrc/cpu/groupnorm.cpp for CPU tensors. All run through the custom op ``fastdiff::group_norm`` (with a fake
+implementation) under ``torch.compile`` and in CUDA graphs. Any (N, C, *) layout whose spatial dims flatten to one
+stride runs in place (NCHW, channels-last); the output keeps the input's memory format.
+
+``"auto"`` picks Triton on CUDA and the reference elsewhere. The compiled kernels are chosen by name: the CUDA one
+has not yet been measured against Triton on a GPU, and on CPU ``"cpp"`` changes the result's rounding (fp32
+statistics in another order), while ``auto`` on CPU keeps an optimized model bit-identical to the original.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 
+from fastdiff import _ext
 from fastdiff.errors import InvalidInput
 from fastdiff.ops.model_dispatch import choose, grad_reasons, tracing
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_CHANNELS_PER_GROUP = 1024  # as fastdiff.kernels.triton.groupnorm (not imported: it imports triton)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # every kernel's storage dtypes
+MAX_CHANNELS_PER_GROUP = 1024  # Triton and CUDA: a group's channels in one block (not imported: it imports triton)
+# The cpp / cuda availability checks must not import anything inside a torch.compile trace (dynamo refuses
+# importlib): load the compiled modules (a few ms, never raises) before any trace can ask.
+_ext.load_all()
+_LAUNCHERS = {"triton": "fastdiff.kernels.triton.groupnorm", "cuda": "fastdiff.kernels.cuda_groupnorm",
+              "cpp": "fastdiff.kernels.cpu_groupnorm"}
 
 
 def _as_ncl(t: torch.Tensor) -> torch.Tensor:
@@ -39,9 +51,14 @@ def _flattenable(t: torch.Tensor) -> bool:
 
 
 def _group_norm_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                     add: torch.Tensor | None, num_groups: int, eps: float, silu: bool) -> torch.Tensor:
-    from fastdiff.kernels.triton.groupnorm import launch
-
+                     add: torch.Tensor | None, num_groups: int, eps: float, silu: bool,
+                     backend: str = "triton") -> torch.Tensor:
+    launch = importlib.import_module(_LAUNCHERS[backend]).launch
+    if backend != "triton" and weight is not None and bias is not None and weight.dtype != bias.dtype:
+        weight, bias = weight.float(), bias.float()  # the compiled kernels read both in one dtype
+    if backend != "triton":
+        weight = None if weight is None else weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
     y = torch.empty_like(x)  # same strides as x (dense x): channels-last stays channels-last
     launch(_as_ncl(x), weight, bias, add, _as_ncl(y), num_groups, eps, silu)
     return y
@@ -49,12 +66,12 @@ def _group_norm_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
 
 @torch.library.custom_op("fastdiff::group_norm", mutates_args=())
 def _group_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, add: torch.Tensor | None,
-                   num_groups: int, eps: float, silu: bool) -> torch.Tensor:
-    return _group_norm_impl(x, weight, bias, add, num_groups, eps, silu)
+                   num_groups: int, eps: float, silu: bool, backend: str) -> torch.Tensor:
+    return _group_norm_impl(x, weight, bias, add, num_groups, eps, silu, backend)
 
 
 @_group_norm_op.register_fake
-def _(x, weight, bias, add, num_groups, eps, silu):
+def _(x, weight, bias, add, num_groups, eps, silu, backend):
     return torch.empty_like(x)
 
 
@@ -90,14 +107,23 @@ def _validate(x, num_groups, weight, bias, eps, add) -> None:
                            f"{add.dtype} {tuple(add.shape)} on {add.device}")
 
 
-def triton_reasons(x: torch.Tensor, num_groups: int, weight, bias, add) -> list[str]:
-    """Why the Triton kernel cannot run these (already validated) inputs; empty when it can."""
+def kernel_reasons(x: torch.Tensor, num_groups: int, weight, bias, add, max_channels_per_group: int | None = None,
+                   ) -> list[str]:
+    """Why a GroupNorm kernel cannot run these (already validated) inputs; empty when it can."""
     reasons = []
-    if x.dtype not in TRITON_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
-    if x.shape[1] // num_groups > MAX_CHANNELS_PER_GROUP:
-        reasons.append(f"{x.shape[1] // num_groups} channels per group exceed {MAX_CHANNELS_PER_GROUP}")
+    for name, t in (("weight", weight), ("bias", bias), ("add", add)):
+        if t is not None and t.dtype not in KERNEL_DTYPES:
+            reasons.append(f"{name} dtype {t.dtype} is not supported (float16, bfloat16, float32)")
+    cpg = x.shape[1] // num_groups
+    if max_channels_per_group is not None and cpg > max_channels_per_group:
+        reasons.append(f"{cpg} channels per group exceed {max_channels_per_group}")
     return reasons + grad_reasons(x, weight, bias, add)
+
+
+def triton_reasons(x: torch.Tensor, num_groups: int, weight, bias, add) -> list[str]:
+    return kernel_reasons(x, num_groups, weight, bias, add, MAX_CHANNELS_PER_GROUP)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -113,15 +139,21 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         silu: apply y * sigmoid(y) to the normalised output.
         add: (N, C) per-sample, per-channel values added to x before the statistics (a ResnetBlock's time
             embedding), or None.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` (CUDA tensors) or ``"cpp"`` (CPU tensors).
 
     Returns y with x's shape, dtype and memory format.
     """
     _validate(x, num_groups, weight, bias, eps, add)
-    which = choose("group_norm", backend, x.device, lambda: triton_reasons(x, num_groups, weight, bias, add))
+    args = (x, num_groups, weight, bias, add)
+    which = choose("group_norm", backend, x.device, {
+        "triton": lambda: triton_reasons(*args),
+        "cuda": lambda: kernel_reasons(*args, MAX_CHANNELS_PER_GROUP),
+        "cpp": lambda: kernel_reasons(*args),
+    })
     if which == "torch":
         return group_norm_reference(x, num_groups, weight, bias, eps, silu, add)
     if not _flattenable(x):
         x = x.contiguous()
-    op = _group_norm_op if tracing(x, weight, bias, add) else _group_norm_impl
-    return op(x, weight, bias, add, int(num_groups), float(eps), bool(silu))
+    if tracing(x, weight, bias, add):
+        return _group_norm_op(x, weight, bias, add, int(num_groups), float(eps), bool(silu), which)
+    return _group_norm_impl(x, weight, bias, add, int(num_groups), float(eps), bool(silu), which)

@@ -1,12 +1,16 @@
-"""Backend choice for the model ops (attention, GroupNorm+SiLU, GEGLU): ``"auto"``, ``"torch"`` or ``"triton"``.
+"""Backend choice for the model ops (attention, GroupNorm+SiLU, GEGLU): ``"auto"``, ``"torch"``, ``"triton"``,
+``"cpp"`` or ``"cuda"``.
 
-The rules of :mod:`fastdiff.ops.dispatch` (GUIDE section 3), for ops whose only fast backend is Triton:
+The rules of :mod:`fastdiff.ops.dispatch` (GUIDE section 3), per op and the kernels it has (attention and GEGLU:
+Triton; GroupNorm: Triton, C++ and CUDA C++):
 
 - ``"torch"`` always runs the plain-PyTorch reference (SDPA, ``F.group_norm`` + ``F.silu``, chunk + ``F.gelu``).
-- ``"triton"`` runs the Triton kernel or raises :class:`~fastdiff.errors.BackendUnavailable` listing every reason
-  (e.g. CPU tensors without ``TRITON_INTERPRET=1``, an unsupported dtype or head dim).
+- a kernel named (``"triton"``, ``"cpp"``, ``"cuda"``) runs that kernel or raises
+  :class:`~fastdiff.errors.BackendUnavailable` listing every reason (e.g. CPU tensors without
+  ``TRITON_INTERPRET=1``, an unsupported dtype or head dim, a module not built, an op without that kernel).
 - ``"auto"`` uses Triton only on CUDA tensors the kernel supports and falls back to the reference otherwise, logging
-  the first reason once per (op, reason).
+  the first reason once per (op, reason). (The C++ and CUDA C++ GroupNorms are chosen by name only: see
+  :mod:`fastdiff.ops.groupnorm` for why.)
 - ``FASTDIFF_BACKEND=torch|triton`` in the environment overrides ``"auto"`` (other values name step backends and
   leave these ops on ``"auto"``).
 """
@@ -23,7 +27,7 @@ from fastdiff.errors import BackendUnavailable, UnknownBackend
 
 log = logging.getLogger("fastdiff")
 
-MODEL_OP_BACKENDS = ("auto", "torch", "triton")
+MODEL_OP_BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 _logged: set = set()
 
 
@@ -33,19 +37,20 @@ def check_backend_name(backend: str) -> None:
                              f"{', '.join(MODEL_OP_BACKENDS)}")
 
 
-def triton_environment_reasons(device: torch.device) -> list[str]:
-    """Why Triton cannot run on ``device`` at all (not installed, CPU without the interpreter, ...)."""
+def environment_reasons(backend: str, device: torch.device) -> list[str]:
+    """Why ``backend``'s kernels cannot run on ``device`` at all (not installed or built, wrong device, ...)."""
     from fastdiff.ops.dispatch import BACKENDS
 
-    return BACKENDS["triton"].environment_reasons(device)
+    return BACKENDS[backend].environment_reasons(device)
 
 
-def choose(op: str, backend: str, device: torch.device, input_reasons: Callable[[], list[str]],
+def choose(op: str, backend: str, device: torch.device, kernels: dict[str, Callable[[], list[str]]],
            auto_reasons: Callable[[], list[str]] | None = None) -> str:
-    """``"torch"`` or ``"triton"`` for one call of ``op``.
+    """``"torch"`` or the name of the kernel that runs one call of ``op``.
 
-    ``input_reasons()``: why the Triton kernel cannot run these inputs (dtype, shape limits); ``auto_reasons()``:
-    further reasons ``"auto"`` prefers the reference although Triton could run (e.g. fp32 attention)."""
+    ``kernels``: {backend name: function giving why that kernel cannot run these inputs (dtype, shape limits)} for
+    each kernel the op has; ``auto_reasons()``: further reasons ``"auto"`` prefers the reference although Triton
+    could run (e.g. fp32 attention)."""
     check_backend_name(backend)
     if backend == "auto":
         env = os.environ.get("FASTDIFF_BACKEND", "")
@@ -53,15 +58,20 @@ def choose(op: str, backend: str, device: torch.device, input_reasons: Callable[
             backend = env
     if backend == "torch":
         return "torch"
-    if backend == "triton":
-        reasons = triton_environment_reasons(device) + input_reasons()
+    hint = f"Use backend='auto' or 'torch' for {op}."
+    if backend != "auto":
+        if backend not in kernels:
+            raise BackendUnavailable(backend, [f"{op} has no {backend} kernel (it has: {', '.join(kernels)})"],
+                                     hint=hint)
+        reasons = environment_reasons(backend, device) + kernels[backend]()
         if reasons:
-            raise BackendUnavailable("triton", reasons, hint=f"Use backend='auto' or 'torch' for {op}.")
-        return "triton"
+            raise BackendUnavailable(backend, reasons, hint=hint)
+        return backend
     if device.type != "cuda":
         reasons = [f"auto uses Triton only on CUDA tensors, these are on {device}"]
     else:
-        reasons = triton_environment_reasons(device) + input_reasons() + (auto_reasons() if auto_reasons else [])
+        reasons = (environment_reasons("triton", device) + kernels["triton"]()
+                   + (auto_reasons() if auto_reasons else []))
     if not reasons:
         return "triton"
     key = (op, reasons[0])
