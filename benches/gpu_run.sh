@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see the device tool's README): install the carried wheels (.whl/: diffusers,
 # importlib_metadata), build fastdiff with its CUDA module, run the GPU tests and the GPU benchmarks, and leave
-# logs + result tables under $OUT. Usage: bash benches/gpu_run.sh [tests|step|model|pipeline|all]...
+# logs + result tables in one archive, $OUT/gpu_run-<parts>.tar.gz (the device returns at most 8 files).
+# Usage: bash benches/gpu_run.sh [tests|step|model|pipeline|all]...   (one call per part fits the 10-minute limit;
+# see benches/NOTES.md, "A GPU session, planned")
 set -uo pipefail
-OUT=${OUT:-/tmp/fastdiff-out}
-mkdir -p "$OUT"
+FINAL=${OUT:-/tmp/fastdiff-out}
+OUT=$(mktemp -d)  # everything is written here, then archived into $FINAL
+mkdir -p "$FINAL"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -32,4 +35,6 @@ for what in "${@:-all}"; do
     *) ;;
   esac
 done
-cp benches/results/*.md "$OUT/" 2>/dev/null || true
+mkdir -p "$OUT/results" && cp benches/results/*.md "$OUT/results/" 2>/dev/null
+parts=$(IFS=-; echo "${*:-all}")
+tar czf "$FINAL/gpu_run-$parts.tar.gz" -C "$OUT" . && echo "archived: $FINAL/gpu_run-$parts.tar.gz"

@@ -45,6 +45,15 @@ def info() -> int:
         for name, reasons in availability(dev).items():
             state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
             print(f"  {dev:7s} {name:7s} {state}")
+    print("model-op kernels (fastdiff.optimize: attention, GroupNorm+SiLU, GEGLU; 'auto' = triton on CUDA):")
+    from fastdiff.ops.model_dispatch import OP_KERNELS, environment_reasons
+
+    for dev in devices:
+        for kernel in ("triton", "cuda", "cpp"):
+            ops = ", ".join(op for op, kernels in OP_KERNELS.items() if kernel in kernels)
+            reasons = environment_reasons(kernel, torch.device(dev))
+            state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+            print(f"  {dev:7s} {kernel:7s} [{ops}] {state}")
     print("model backends:")
     print("  torch        available")
     try:

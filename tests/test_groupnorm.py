@@ -276,6 +276,27 @@ class TestDispatchAndErrors:
         with pytest.raises(BackendUnavailable, match="CUDA tensors"):
             group_norm(x, 2, backend="cuda")
 
+    def test_op_kernel_table_matches_the_ops(self, monkeypatch):
+        """OP_KERNELS (what `fastdiff info` prints) names exactly the kernels each op accepts."""
+        from fastdiff.ops.attention import attention
+        from fastdiff.ops.geglu import geglu
+        from fastdiff.ops.model_dispatch import OP_KERNELS
+
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        q = torch.randn(1, 2, 8, 16)
+        calls = {"attention": lambda be: attention(q, q, q, backend=be),
+                 "group_norm": lambda be: group_norm(torch.randn(1, 4, 3, 3), 2, backend=be),
+                 "geglu": lambda be: geglu(torch.randn(2, 8), backend=be)}
+        assert set(calls) == set(OP_KERNELS)
+        for op, call in calls.items():
+            for be in ("triton", "cuda", "cpp"):
+                try:
+                    call(be)
+                    missing = False
+                except BackendUnavailable as e:
+                    missing = f"has no {be} kernel" in str(e)
+                assert missing == (be not in OP_KERNELS[op]), (op, be)
+
     def test_ops_without_that_kernel_say_so(self):
         from fastdiff.ops.attention import attention
         from fastdiff.ops.geglu import geglu

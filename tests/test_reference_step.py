@@ -127,6 +127,7 @@ def test_info_command_lists_backends_with_reasons():
     assert res.returncode == 0, res.stderr
     assert "step backends" in res.stdout and "torch   available" in res.stdout
     assert "cuda" in res.stdout and "unavailable:" in res.stdout
+    assert "model-op kernels" in res.stdout and "[group_norm]" in res.stdout
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

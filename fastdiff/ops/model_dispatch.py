@@ -28,6 +28,8 @@ from fastdiff.errors import BackendUnavailable, UnknownBackend
 log = logging.getLogger("fastdiff")
 
 MODEL_OP_BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
+#: The compiled kernels each op has (besides the torch reference); `python -m fastdiff info` prints this.
+OP_KERNELS = {"attention": ("triton",), "group_norm": ("triton", "cuda", "cpp"), "geglu": ("triton",)}
 _logged: set = set()
 
 
