@@ -111,6 +111,16 @@ class _GroupNormChecks:
         err_torch = (F.silu(F.group_norm(x, 2, w, b)).double() - ref).abs().max().item()
         assert err <= 2 * err_torch + 1e-4 and err < 1e-2, (err, err_torch)
 
+    def test_under_torch_compile(self):
+        """Traced code calls the custom op (with the kernel's name), not its implementation."""
+        x, w, b, add = make((2, 16, 5, 3), 4, torch.float32, self.device, with_add=True)
+        graphs = []
+        fn = compile_recording(lambda x: group_norm(x, 4, w, b, silu=True, add=add, backend=self.backend) + 1,
+                               graphs)
+        torch.testing.assert_close(fn(x).double(), reference(x, 4, w, b, 1e-5, True, add) + 1, rtol=1e-5,
+                                   atol=1e-5)
+        assert "torch.ops.fastdiff.group_norm" in graphs[0] and repr(self.backend) in graphs[0]
+
     def test_kernel_writes_every_output(self):
         launch = importlib.import_module(_LAUNCHERS[self.backend]).launch
         x, w, b, add = make((3, 12, 7, 5), 3, torch.float32, self.device, with_add=True)
@@ -139,14 +149,6 @@ class TestTritonInterpret(_GroupNormChecks):
         assert p["split"] > 1 if programs > 1 else p["chunk"] > p["BLOCK_L"]  # several chunks / tiles per chunk
         x, w, b, add = make((1, 24, 61), 2, torch.float32, "cpu", with_add=True)
         check(group_norm(x, 2, w, b, silu=True, add=add, backend="triton"), x, 2, w, b, 1e-5, True, self.tol, add)
-
-    def test_under_torch_compile(self):
-        x, w, b, add = make((2, 16, 5, 3), 4, torch.float32, "cpu", with_add=True)
-        graphs = []
-        fn = compile_recording(lambda x: group_norm(x, 4, w, b, silu=True, add=add, backend="triton") + 1, graphs)
-        torch.testing.assert_close(fn(x).double(), reference(x, 4, w, b, 1e-5, True, add) + 1, rtol=1e-5,
-                                   atol=1e-5)
-        assert "torch.ops.fastdiff.group_norm" in graphs[0]
 
 
 _CPU_EXT = pytest.mark.skipif(not _ext.cpu_available(), reason=f"fastdiff._C_cpu is not built: {_ext.cpu_error()}")
@@ -184,14 +186,6 @@ class TestCpp(_GroupNormChecks):
                 check(group_norm(x, 4, w, b, silu=True, add=add, backend="cpp"), x, 4, w, b, 1e-5, True, TOL, add)
         finally:
             torch.set_num_threads(old)
-
-    def test_under_torch_compile(self):
-        x, w, b, add = make((2, 16, 5, 3), 4, torch.float32, "cpu", with_add=True)
-        graphs = []
-        fn = compile_recording(lambda x: group_norm(x, 4, w, b, silu=True, add=add, backend="cpp") + 1, graphs)
-        torch.testing.assert_close(fn(x).double(), reference(x, 4, w, b, 1e-5, True, add) + 1, rtol=1e-5,
-                                   atol=1e-5)
-        assert "torch.ops.fastdiff.group_norm" in graphs[0] and "'cpp'" in graphs[0]
 
     def test_malformed_call_is_a_value_error(self):
         from fastdiff.kernels._common import group_norm_args
@@ -366,44 +360,11 @@ class TestCompilesOffline:
                 assert "ld.global.v4" in compiled.asm["ptx"] or "ld.global.L1::evict_last.v4" in compiled.asm["ptx"]
 
 
-@cuda_only
-@pytest.mark.usefixtures("compiled_triton")
-class TestTritonCuda(_GroupNormChecks):
+class _GpuChecks(_GroupNormChecks):
+    """On a GPU, for each GPU kernel: the shared checks plus SD UNet shapes, a misaligned view, CUDA-graph replay
+    and torch.compile (inductor)."""
+
     device = "cuda"
-
-    @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
-    @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-    @pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 8, 8), (2, 320, 128, 128),
-                                       (3, 96, 37, 29)], ids=str)
-    def test_unet_shapes(self, dtype, channels_last, shape):
-        x, w, b, add = make(shape, 32, dtype, "cuda", with_add=True)
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        check(group_norm(x, 32, w, b, 1e-5, True, add=add), x, 32, w, b, 1e-5, True, TOL, add)  # auto: triton
-
-    @torch.no_grad()
-    def test_cuda_graph_replay(self):
-        x, w, b, add = make((2, 320, 32, 32), 32, torch.float16, "cuda", with_add=True)
-        group_norm(x, 32, w, b, silu=True, add=add)  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = group_norm(x, 32, w, b, silu=True, add=add)
-        x.normal_()
-        graph.replay()
-        torch.cuda.synchronize()
-        check(y, x, 32, w, b, 1e-5, True, TOL, add)
-
-    def test_torch_compile_inductor(self):
-        x, w, b, _ = make((2, 320, 32, 32), 32, torch.float16, "cuda")
-        fn = torch.compile(lambda x: group_norm(x, 32, w, b, silu=True) * 2, fullgraph=True)
-        torch.testing.assert_close(fn(x).double(), 2 * reference(x, 32, w, b, 1e-5, True), rtol=2e-3, atol=4e-3)
-
-
-@cuda_only
-@_CUDA_EXT
-class TestCudaExt(_GroupNormChecks):
-    device = "cuda"
-    backend = "cuda"
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -413,20 +374,21 @@ class TestCudaExt(_GroupNormChecks):
         x, w, b, add = make(shape, 32, dtype, "cuda", with_add=True)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        check(group_norm(x, 32, w, b, 1e-5, True, add=add, backend="cuda"), x, 32, w, b, 1e-5, True, TOL, add)
+        y = group_norm(x, 32, w, b, 1e-5, True, add=add, backend=self.backend)
+        check(y, x, 32, w, b, 1e-5, True, TOL, add)
 
-    def test_misaligned_input_takes_the_scalar_path(self):
+    def test_misaligned_input(self):
         x, w, b, add = make((2, 64, 16, 17), 8, torch.float16, "cuda", with_add=True)
-        v = x.flatten(2)[:, :, 1:]  # (N, C, 271): rows start off 16-byte boundaries
-        check(group_norm(v, 8, w, b, silu=True, add=add, backend="cuda"), v, 8, w, b, 1e-5, True, TOL, add)
+        v = x.flatten(2)[:, :, 1:]  # (N, C, 271): rows start off 16-byte boundaries (the CUDA kernel's scalar path)
+        check(group_norm(v, 8, w, b, silu=True, add=add, backend=self.backend), v, 8, w, b, 1e-5, True, TOL, add)
 
     @torch.no_grad()
     def test_cuda_graph_replay(self):
         x, w, b, add = make((2, 320, 32, 32), 32, torch.float16, "cuda", with_add=True)
-        group_norm(x, 32, w, b, silu=True, add=add, backend="cuda")
+        group_norm(x, 32, w, b, silu=True, add=add, backend=self.backend)  # compile / load outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y = group_norm(x, 32, w, b, silu=True, add=add, backend="cuda")
+            y = group_norm(x, 32, w, b, silu=True, add=add, backend=self.backend)
         x.normal_()
         graph.replay()
         torch.cuda.synchronize()
@@ -434,5 +396,20 @@ class TestCudaExt(_GroupNormChecks):
 
     def test_torch_compile_inductor(self):
         x, w, b, _ = make((2, 320, 32, 32), 32, torch.float16, "cuda")
-        fn = torch.compile(lambda x: group_norm(x, 32, w, b, silu=True, backend="cuda") * 2, fullgraph=True)
+        fn = torch.compile(lambda x: group_norm(x, 32, w, b, silu=True, backend=self.backend) * 2, fullgraph=True)
         torch.testing.assert_close(fn(x).double(), 2 * reference(x, 32, w, b, 1e-5, True), rtol=2e-3, atol=4e-3)
+
+
+@cuda_only
+@pytest.mark.usefixtures("compiled_triton")
+class TestTritonCuda(_GpuChecks):
+    def test_auto_is_triton(self):
+        x, w, b, add = make((2, 320, 32, 32), 32, torch.float16, "cuda", with_add=True)
+        assert torch.equal(group_norm(x, 32, w, b, silu=True, add=add),
+                           group_norm(x, 32, w, b, silu=True, add=add, backend="triton"))
+
+
+@cuda_only
+@_CUDA_EXT
+class TestCudaExt(_GpuChecks):
+    backend = "cuda"

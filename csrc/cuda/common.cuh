@@ -56,41 +56,39 @@ struct Pack<float, 4> {
     *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
   }
 };
+// The 2-wide type of a 16-bit storage type and its conversions (for the 8-element packs below).
+template <typename T>
+struct Pair;
 template <>
-struct Pack<__half, 8> {
-  static __device__ __forceinline__ void load(const __half* p, float* f) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 v = __half22float2(h[k]);
-      f[2 * k] = v.x, f[2 * k + 1] = v.y;
-    }
-  }
-  static __device__ __forceinline__ void store(__half* p, const float* f) {
-    uint4 raw;
-    __half2* h = reinterpret_cast<__half2*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) h[k] = __floats2half2_rn(f[2 * k], f[2 * k + 1]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  }
+struct Pair<__half> {
+  using T2 = __half2;
+  static __device__ __forceinline__ float2 to_float2(T2 v) { return __half22float2(v); }
+  static __device__ __forceinline__ T2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
 };
 template <>
-struct Pack<__nv_bfloat16, 8> {
-  static __device__ __forceinline__ void load(const __nv_bfloat16* p, float* f) {
+struct Pair<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(T2 v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ T2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+// 8 halves / bfloat16s in one 16-byte access.
+template <typename T>
+struct Pack<T, 8> {
+  using T2 = typename Pair<T>::T2;
+  static __device__ __forceinline__ void load(const T* p, float* f) {
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    const T2* h = reinterpret_cast<const T2*>(&raw);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float2 v = __bfloat1622float2(h[k]);
+      const float2 v = Pair<T>::to_float2(h[k]);
       f[2 * k] = v.x, f[2 * k + 1] = v.y;
     }
   }
-  static __device__ __forceinline__ void store(__nv_bfloat16* p, const float* f) {
+  static __device__ __forceinline__ void store(T* p, const float* f) {
     uint4 raw;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+    T2* h = reinterpret_cast<T2*>(&raw);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+    for (int k = 0; k < 4; ++k) h[k] = Pair<T>::from_floats(f[2 * k], f[2 * k + 1]);
     *reinterpret_cast<uint4*>(p) = raw;
   }
 };
