@@ -1,0 +1,89 @@
+"""The main job on CPU, end to end: the embedded digits teacher with its defaults (DPM-Solver++ 2M, 20 steps,
+CFG 1.5), 10 images (one per digit), as a diffusers user writes the loop vs fastdiff, eager and torch.compile'd.
+
+Providers (same session, same weights, same starting noise, ``output_type="latent"``):
+
+- ``diffusers``: ``DPMSolverMultistepScheduler.from_config(model's scheduler config)`` and the pipeline loop
+  (cat the CFG batch, ``scale_model_input``, the network, chunk, guidance, ``scheduler.step``);
+- ``diffusers-compile``: the same loop with the UNet ``torch.compile``d (inductor, default mode);
+- ``fastdiff``: ``fastdiff.Sampler(model)`` (the fused cpp step, ``auto``);
+- ``fastdiff-compile``: the same Sampler over the compiled UNet.
+
+Compilation happens in a warm-up round, outside the timed rounds. ``max_abs_diff`` in extra_info: each provider's
+latents against the eager diffusers loop's.
+
+    OMP_NUM_THREADS=2 pytest benches/bench_digits.py --benchmark-only -p no:cacheprovider   # ~3 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastdiff
+
+IMAGES, STEPS, GUIDANCE = 10, 20, 1.5
+LABELS = torch.arange(IMAGES)
+PROVIDERS = ["diffusers", "diffusers-compile", "fastdiff", "fastdiff-compile"]
+
+
+def _model():
+    """The digits teacher; with its weights missing, the same architecture freshly initialised (timings do not
+    depend on the weights' values)."""
+    from fastdiff.errors import ModelNotFound
+    from fastdiff.models import load
+
+    try:
+        return load("digits")
+    except ModelNotFound:
+        from fastdiff.models.digits import build_model
+
+        return build_model(seed=0).eval().requires_grad_(False)
+
+
+def diffusers_loop(model, noise: torch.Tensor) -> torch.Tensor:
+    """The loop of a diffusers pipeline, over the label-conditioned network (unconditional half second, as the
+    network's null label is appended after the labels)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler.from_config(model.scheduler_config)
+    sched.set_timesteps(STEPS)
+    x = noise * sched.init_noise_sigma
+    y = torch.cat([LABELS, torch.full_like(LABELS, model.null_label)])
+    with torch.inference_mode():
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([x, x]), t)
+            cond, uncond = model(inp, t.expand(2 * IMAGES), y).chunk(2)
+            x = sched.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
+    return x
+
+
+@pytest.fixture(scope="module")
+def models():
+    eager = _model()
+    compiled = copy.deepcopy(eager)
+    compiled.unet = torch.compile(compiled.unet)
+    noise = torch.randn(IMAGES, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    return {"eager": eager, "compile": compiled}, noise, diffusers_loop(eager, noise)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_main_job(benchmark, record, models, provider):
+    nets, noise, reference = models
+    net = nets["compile" if provider.endswith("-compile") else "eager"]
+    if provider.startswith("diffusers"):
+        def run():
+            return diffusers_loop(net, noise)
+    else:
+        sampler = fastdiff.Sampler(net, scheduler="dpmpp_2m")
+
+        def run():
+            return sampler.sample(num_inference_steps=STEPS, guidance_scale=GUIDANCE, class_labels=LABELS,
+                                  latents=noise, output_type="latent", progress=False)
+
+    out = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    record("digits", f"{IMAGES} img, DPM++ 2M {STEPS} steps, CFG {GUIDANCE}", provider, benchmark,
+           threads=torch.get_num_threads(), max_abs_diff=float((out - reference).abs().max()),
+           ms_per_image=benchmark.stats.stats.median / IMAGES * 1e3)
