@@ -23,24 +23,11 @@ import pytest
 import torch
 
 import fastdiff
+from benches.helpers import digits_model
 
 IMAGES, STEPS, GUIDANCE = 10, 20, 1.5
 LABELS = torch.arange(IMAGES)
 PROVIDERS = ["diffusers", "diffusers-compile", "fastdiff", "fastdiff-compile"]
-
-
-def _model():
-    """The digits teacher; with its weights missing, the same architecture freshly initialised (timings do not
-    depend on the weights' values)."""
-    from fastdiff.errors import ModelNotFound
-    from fastdiff.models import load
-
-    try:
-        return load("digits")
-    except ModelNotFound:
-        from fastdiff.models.digits import build_model
-
-        return build_model(seed=0).eval().requires_grad_(False)
 
 
 def diffusers_loop(model, noise: torch.Tensor) -> torch.Tensor:
@@ -62,7 +49,7 @@ def diffusers_loop(model, noise: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def models():
-    eager = _model()
+    eager = digits_model()
     compiled = copy.deepcopy(eager)
     compiled.unet = torch.compile(compiled.unet)
     noise = torch.randn(IMAGES, 1, 16, 16, generator=torch.Generator().manual_seed(0))

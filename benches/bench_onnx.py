@@ -20,25 +20,12 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 import fastdiff
+from benches.helpers import digits_model
 
 pytest.importorskip("onnxruntime")
 
 IMAGES, STEPS, G = 10, 10, 3.0
 LABELS = torch.arange(IMAGES) % 10
-
-
-def _model():
-    """The digits teacher; with its weights missing, the same architecture freshly initialised (timings do not
-    depend on the weights' values)."""
-    from fastdiff.errors import ModelNotFound
-    from fastdiff.models import load
-
-    try:
-        return load("digits")
-    except ModelNotFound:
-        from fastdiff.models.digits import build_model
-
-        return build_model(seed=0).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +39,7 @@ def setup(tmp_path_factory):
     old = os.environ.get("FASTDIFF_CACHE_DIR")
     os.environ["FASTDIFF_CACHE_DIR"] = str(cache)
     try:
-        model = _model()
+        model = digits_model()
         samplers = {b: fastdiff.Sampler(model, scheduler="dpmpp_2m", backend=b) for b in ("torch", "onnxruntime")}
         one = get_scheduler("onestep", config=model.scheduler_config)  # the plan the graph export unrolls
         onestep = {b: fastdiff.Sampler(model, scheduler=one, backend=b) for b in ("torch", "onnxruntime")}
