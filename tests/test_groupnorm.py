@@ -101,6 +101,14 @@ class _GroupNormChecks:
         add_t = torch.randn(24, 2, device=self.device).t()  # a non-contiguous (N, C) add
         check(group_norm(x, 6, w, b, add=add_t, backend=self.backend), x, 6, w, b, 1e-5, False, self.tol, add_t)
 
+    def test_channel_slice_of_channels_last(self):
+        """Channels-last but not dense (a channel slice: positions C_full apart, C < C_full): the general walk."""
+        x, w, b, add = make((2, 24, 7, 9), 3, torch.float32, self.device, seed=5, with_add=True)
+        x = x.to(memory_format=torch.channels_last)[:, 4:16]
+        w, b, add = w[4:16], b[4:16], add[:, 4:16]
+        check(group_norm(x, 3, w, b, silu=True, add=add, backend=self.backend), x, 3, w, b, 1e-5, True, self.tol,
+              add)
+
     def test_large_mean_small_std(self):
         # |mean| / std = 1e4: a sum / sum-of-squares variance would lose every digit in fp32 (even go negative);
         # Chan's merge of two-pass tile statistics keeps the error at what fp32 allows, i.e. what PyTorch's own

@@ -192,6 +192,60 @@ FD_INLINE void run_group(const GroupNormParams& p, int64_t n, int64_t g, bool ch
     }
 }
 
+// One sample of a dense channels-last tensor (each position a contiguous row of all C channels): every pass walks the
+// rows in memory order and keeps one accumulator per channel, so the inner loops run over C contiguous channels
+// instead of a group's 8-40 (the per-group walk took 11x longer than PyTorch at 2x320x64x64). Per-channel sums go
+// from fp32 (a block of kRowBlock rows) into double, then per group. scratch: 7 x C floats, acc: C doubles.
+constexpr int kRowBlock = 64;
+
+template <class S>
+FD_INLINE void run_sample_channels_last(const GroupNormParams& p, int64_t n, float* scratch, double* acc) {
+  using Raw = typename S::Raw;
+  const int64_t C = p.c, cpg = C / p.groups;
+  const Raw* x = static_cast<const Raw*>(p.x) + n * p.sxn;
+  Raw* y = static_cast<Raw*>(p.y) + n * p.syn;
+  float *add = scratch, *mean = scratch + C, *scale = scratch + 2 * C, *shift = scratch + 3 * C;
+  float *row = scratch + 4 * C, *e = scratch + 5 * C, *part = scratch + 6 * C;
+  for (int64_t c = 0; c < C; ++c)
+    add[c] = p.add != nullptr ? load_code(p.add, n * p.san + c * p.sac, p.add_dtype) : 0.f;
+  const double count = double(cpg) * double(p.l);
+
+  // Per channel: sum over positions of f(z) for z = x + add, then summed over each group's channels.
+  auto group_sums = [&](auto&& f) {
+    std::fill(acc, acc + C, 0.0);
+    for (int64_t l0 = 0; l0 < p.l; l0 += kRowBlock) {
+      std::fill(part, part + C, 0.f);
+      for (int64_t l = l0; l < std::min<int64_t>(p.l, l0 + kRowBlock); ++l) {
+        load_run<S>(x + l * p.sxl, 1, row, int(C));
+        for (int64_t c = 0; c < C; ++c) part[c] += f(row[c] + add[c], c);
+      }
+      for (int64_t c = 0; c < C; ++c) acc[c] += part[c];
+    }
+    for (int64_t g = 0; g < p.groups; ++g) {
+      double s = 0.0;
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += acc[c];
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) acc[c] = s;  // the group's total, per channel
+    }
+  };
+  group_sums([](float z, int64_t) { return z; });
+  for (int64_t c = 0; c < C; ++c) mean[c] = float(acc[c] / count);
+  group_sums([&](float z, int64_t c) { return (z - mean[c]) * (z - mean[c]); });
+  for (int64_t c = 0; c < C; ++c) {
+    const float rstd = float(1.0 / std::sqrt(acc[c] / count + double(p.eps)));
+    scale[c] = p.weight != nullptr ? rstd * load_code(p.weight, c, p.weight_dtype) : rstd;
+    shift[c] = p.bias != nullptr ? load_code(p.bias, c, p.weight_dtype) : 0.f;
+  }
+  for (int64_t l = 0; l < p.l; ++l) {
+    load_run<S>(x + l * p.sxl, 1, row, int(C));
+    for (int64_t c = 0; c < C; ++c) row[c] = (row[c] + add[c] - mean[c]) * scale[c] + shift[c];
+    if (p.silu) {
+      for (int64_t c = 0; c < C; ++c) e[c] = 1.f + fast_exp(-row[c]);
+      for (int64_t c = 0; c < C; ++c) row[c] = row[c] / e[c];
+    }
+    store_run<S>(y + l * p.syl, 1, row, int(C));
+  }
+}
+
 // Non-template entry points so target_clones applies (one clone set per storage dtype).
 FD_CLONES void group_f32(const GroupNormParams& p, int64_t n, int64_t g, bool ci, float* chan) {
   run_group<F32>(p, n, g, ci, chan);
@@ -201,6 +255,15 @@ FD_CLONES void group_f16(const GroupNormParams& p, int64_t n, int64_t g, bool ci
 }
 FD_CLONES void group_bf16(const GroupNormParams& p, int64_t n, int64_t g, bool ci, float* chan) {
   run_group<BF16>(p, n, g, ci, chan);
+}
+FD_CLONES void sample_cl_f32(const GroupNormParams& p, int64_t n, float* scratch, double* acc) {
+  run_sample_channels_last<F32>(p, n, scratch, acc);
+}
+FD_CLONES void sample_cl_f16(const GroupNormParams& p, int64_t n, float* scratch, double* acc) {
+  run_sample_channels_last<F16>(p, n, scratch, acc);
+}
+FD_CLONES void sample_cl_bf16(const GroupNormParams& p, int64_t n, float* scratch, double* acc) {
+  run_sample_channels_last<BF16>(p, n, scratch, acc);
 }
 
 void check(bool cond, const std::string& msg) {
@@ -217,14 +280,33 @@ void group_norm_cpu(const GroupNormParams& p, int num_threads) {
   check(p.groups > 0 && p.c % p.groups == 0, "groups must be a positive divisor of C");
   check(known_dtype(p.dtype) && known_dtype(p.weight_dtype) && known_dtype(p.add_dtype), "unknown dtype code");
   check(std::isfinite(p.eps) && p.eps >= 0.f, "eps must be finite and >= 0");
-  void (*group)(const GroupNormParams&, int64_t, int64_t, bool, float*) =
-      p.dtype == kF16 ? group_f16 : p.dtype == kBF16 ? group_bf16 : group_f32;
-  // Walk along the unit (or smaller) stride: positions when they are contiguous, else channels (channels-last).
-  const bool channels_inner = p.sxl != 1 && std::abs(p.sxc) < std::abs(p.sxl);
-  const int64_t cpg = p.c / p.groups, items = p.n * p.groups;
   const int64_t total = p.n * p.c * p.l;
 #ifdef _OPENMP
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#endif
+  // Dense channels-last samples: one work item per sample, rows of all C channels.
+  if (p.l > 1 && p.sxc == 1 && p.syc == 1 && p.sxl == p.c && p.syl == p.c) {
+    void (*sample)(const GroupNormParams&, int64_t, float*, double*) =
+        p.dtype == kF16 ? sample_cl_f16 : p.dtype == kBF16 ? sample_cl_bf16 : sample_cl_f32;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1 && total >= kMinParallel && p.n > 1)
+#endif
+    {
+      std::vector<float> scratch(size_t(7 * p.c));
+      std::vector<double> acc(size_t(p.c));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t n = 0; n < p.n; ++n) sample(p, n, scratch.data(), acc.data());
+    }
+    return;
+  }
+  void (*group)(const GroupNormParams&, int64_t, int64_t, bool, float*) =
+      p.dtype == kF16 ? group_f16 : p.dtype == kBF16 ? group_bf16 : group_f32;
+  // Walk along the unit (or smaller) stride: positions when they are contiguous, else channels (other strides).
+  const bool channels_inner = p.sxl != 1 && std::abs(p.sxc) < std::abs(p.sxl);
+  const int64_t cpg = p.c / p.groups, items = p.n * p.groups;
+#ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1 && total >= kMinParallel && items > 1)
 #endif
   {
