@@ -1,7 +1,12 @@
-// The fused GroupNorm (+ add, + SiLU) on CPU: the math of csrc/groupnorm_params.h, one OpenMP work item per
-// (sample, group). A group is walked as rows x cols, each row a run along the smaller of its two strides:
-// channels x positions for NCHW (a row is one channel's positions), positions x channels for channels-last (a row
-// is the group's channels at one position). Three passes over the group, which at UNet sizes stays in L2:
+// The fused GroupNorm (+ add, + SiLU) on CPU: the math of csrc/groupnorm_params.h. Two walks:
+//
+// - dense channels-last: one OpenMP work item per sample, its positions in memory order, each a row of all C
+//   channels, with per-channel accumulators (run_sample_channels_last);
+// - anything else: one work item per (sample, group), the group walked as rows x cols, each row a run along the
+//   smaller of its two strides (NCHW: a row is one channel's positions, and a dense group is a single run of all
+//   its channels; other strides: the group's channels at one position).
+//
+// Either way three passes over the data, which at UNet sizes stays in L2:
 //
 //   1. sum of z = x + add           -> mean        (fp32 lanes per 512-element tile, double across tiles)
 //   2. sum of (z - mean)^2           -> variance    (two-pass: no cancellation when |mean| >> std)
