@@ -35,7 +35,7 @@ from fastdiff.errors import BackendUnavailable, InvalidInput
 from fastdiff.ops.attention import attention
 from fastdiff.ops.geglu import geglu
 from fastdiff.ops.groupnorm import group_norm
-from fastdiff.ops.model_dispatch import check_backend_name, environment_reasons
+from fastdiff.ops.model_dispatch import OP_KERNELS, check_backend_name, environment_reasons
 
 log = logging.getLogger("fastdiff")
 
@@ -258,13 +258,9 @@ def _patch_unet_out(p: _Patcher, unet, covered: set) -> None:
         p.count("output GroupNorm+SiLU")
 
 
-# Backends that have a kernel for only some of the ops: the other layers are left as they are (and reported).
-GROUP_NORM_ONLY = ("cpp", "cuda")
-
-
 def _check_backend(unet: nn.Module, backend: str) -> None:
     check_backend_name(backend)
-    if backend in ("triton", *GROUP_NORM_ONLY):
+    if backend not in ("auto", "torch"):  # a named kernel backend: it must be able to run on the UNet's device
         param = next(unet.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         reasons = environment_reasons(backend, device)
@@ -298,10 +294,13 @@ def optimize(unet: nn.Module, backend: str = "auto") -> OptimizeReport:
     p = _Patcher(backend)
     covered: set = set()
     modules = list(unet.named_modules())
-    no_kernel = f"has no {backend} kernel (backend={backend!r} fuses only GroupNorm(+SiLU))"
+    # A named kernel backend that some ops lack (OP_KERNELS): their layers stay as they are, and are reported.
+    lacking = {op for op, kernels in OP_KERNELS.items() if backend not in ("auto", "torch", *kernels)}
+    fused = ", ".join(op for op in OP_KERNELS if op not in lacking)
     for name, m in modules:
-        if isinstance(m, (Attention, GEGLU)) and backend in GROUP_NORM_ONLY:
-            p.skip(name, f"{type(m).__name__} {no_kernel}")
+        op = "attention" if isinstance(m, Attention) else "geglu" if isinstance(m, GEGLU) else None
+        if op in lacking:
+            p.skip(name, f"{type(m).__name__} has no {backend} kernel (backend={backend!r} fuses only {fused})")
         elif isinstance(m, Attention):
             _patch_attention(p, name, m)
         elif type(m) is ResnetBlock2D:

@@ -54,9 +54,9 @@ def _group_norm_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
                      add: torch.Tensor | None, num_groups: int, eps: float, silu: bool,
                      backend: str = "triton") -> torch.Tensor:
     launch = importlib.import_module(_LAUNCHERS[backend]).launch
-    if backend != "triton" and weight is not None and bias is not None and weight.dtype != bias.dtype:
-        weight, bias = weight.float(), bias.float()  # the compiled kernels read both in one dtype
-    if backend != "triton":
+    if backend != "triton":  # the compiled kernels read weight and bias contiguous, in one dtype
+        if weight is not None and bias is not None and weight.dtype != bias.dtype:
+            weight, bias = weight.float(), bias.float()
         weight = None if weight is None else weight.contiguous()
         bias = None if bias is None else bias.contiguous()
     y = torch.empty_like(x)  # same strides as x (dense x): channels-last stays channels-last
