@@ -1,10 +1,18 @@
-"""What the kernel test files (attention, GroupNorm, GEGLU, the Triton step, optimize) share: the GPU-only class
-decorator, a fixture that runs Triton compiled rather than interpreted, and a recording ``torch.compile``."""
+"""What the kernel test files (attention, GroupNorm, GEGLU, the steps, optimize) share: the GPU-only class
+decorator, skips for an unbuilt compiled module, a fixture that runs Triton compiled rather than interpreted, and a
+recording ``torch.compile``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from fastdiff import _ext
+
+#: Skip (with the load error) where the compiled C++ / CUDA module is not built or does not load.
+needs_cpu_ext = pytest.mark.skipif(not _ext.cpu_available(), reason=f"fastdiff._C_cpu is not built: {_ext.cpu_error()}")
+needs_cuda_ext = pytest.mark.skipif(not _ext.cuda_available(),
+                                    reason=f"fastdiff._C_cuda is not built: {_ext.cuda_error()}")
 
 
 def cuda_only(obj):

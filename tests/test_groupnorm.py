@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fastdiff import _ext
 from fastdiff.errors import BackendUnavailable, InvalidInput, UnknownBackend
 from fastdiff.ops.groupnorm import _LAUNCHERS, MAX_CHANNELS_PER_GROUP, group_norm
-from tests.kernel_helpers import compile_recording, cuda_only
+from tests.kernel_helpers import compile_recording, cuda_only, needs_cpu_ext, needs_cuda_ext
 from tests.tolerances import STEP_TOL
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -159,13 +159,8 @@ class TestTritonInterpret(_GroupNormChecks):
         check(group_norm(x, 2, w, b, silu=True, add=add, backend="triton"), x, 2, w, b, 1e-5, True, self.tol, add)
 
 
-_CPU_EXT = pytest.mark.skipif(not _ext.cpu_available(), reason=f"fastdiff._C_cpu is not built: {_ext.cpu_error()}")
-_CUDA_EXT = pytest.mark.skipif(not _ext.cuda_available(),
-                               reason=f"fastdiff._C_cuda is not built: {_ext.cuda_error()}")
-
-
 @pytest.mark.ext
-@_CPU_EXT
+@needs_cpu_ext
 class TestCpp(_GroupNormChecks):
     backend = "cpp"
 
@@ -205,7 +200,7 @@ class TestCpp(_GroupNormChecks):
 
 
 @pytest.mark.ext
-@_CUDA_EXT
+@needs_cuda_ext
 class TestCudaModuleWithoutGpu:
     def test_constants_match_python(self):
         mod = _ext.require_cuda()
@@ -418,6 +413,6 @@ class TestTritonCuda(_GpuChecks):
 
 
 @cuda_only
-@_CUDA_EXT
+@needs_cuda_ext
 class TestCudaExt(_GpuChecks):
     backend = "cuda"

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiff import _ext
 from fastdiff.errors import BackendUnavailable, UnknownBackend
 from fastdiff.optimize import FastAttnProcessor, OptimizeReport, is_optimized, optimize, restore
-from tests.kernel_helpers import cuda_only
+from tests.kernel_helpers import cuda_only, needs_cpu_ext
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
@@ -182,7 +181,7 @@ class TestOnCpu:
             assert torch.equal(block(x, temb), ref)
 
     @pytest.mark.ext
-    @pytest.mark.skipif(not _ext.cpu_available(), reason="fastdiff._C_cpu is not built")
+    @needs_cpu_ext
     def test_cpp_backend_fuses_the_group_norms_only(self):
         unet = make_unet()
         x, t, ehs = inputs(unet)

@@ -17,11 +17,12 @@ from fastdiff.kernels import cpu_step
 from fastdiff.kernels._common import DTYPE_CODES
 from fastdiff.ops import fused_step, resolve
 from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
+from tests.kernel_helpers import needs_cpu_ext
 from tests.step_cases import CASES, FLAG_LEN, StepCase, check_case, make_inputs
 
 pytestmark = [
     pytest.mark.ext,
-    pytest.mark.skipif(not _ext.cpu_available(), reason=f"fastdiff._C_cpu is not built: {_ext.cpu_error()}"),
+    needs_cpu_ext,
 ]
 
 

@@ -21,12 +21,11 @@ from fastdiff import _ext
 from fastdiff.kernels._common import DTYPE_CODES
 from fastdiff.ops import fused_step
 from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
+from tests.kernel_helpers import needs_cuda_ext
 from tests.step_cases import ALL_ON, CASES, StepCase, assert_close_nan, check_case, make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
-_MODULE_SKIP = pytest.mark.skipif(not _ext.cuda_available(),
-                                  reason=f"fastdiff._C_cuda is not built: {_ext.cuda_error()}")
 
 
 def gpu_test(fn):
@@ -36,7 +35,7 @@ def gpu_test(fn):
         pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU visible to torch"),
         pytest.mark.skipif(HAS_GPU and torch.cuda.get_device_capability() < (8, 0),
                            reason="the cuda backend needs compute capability >= 8.0"),
-        _MODULE_SKIP,
+        needs_cuda_ext,
     ]
     for mark in marks:
         fn = mark(fn)
@@ -45,7 +44,7 @@ def gpu_test(fn):
 
 def module_test(fn):
     """Marker ``ext``; needs the built module but no GPU."""
-    return pytest.mark.ext(_MODULE_SKIP(fn))
+    return pytest.mark.ext(needs_cuda_ext(fn))
 
 
 def _copy(kw: dict) -> dict:
