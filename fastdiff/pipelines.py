@@ -38,10 +38,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastdiff.backends.base import TorchRunner
 from fastdiff.conditioning_inputs import Conditioning
 from fastdiff.errors import InvalidInput
+from fastdiff.images import OUTPUT_TYPES
 from fastdiff.sampler import Sampler, _split_backend
 from fastdiff.schedulers import NAMES, Scheduler, StepPlan, from_diffusers, get_scheduler
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # (class name, the diffusers module that defines it): the pipelines whose __call__ this module reproduces.
 _PIPELINES = {
     "sd": ("StableDiffusionPipeline", "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"),

@@ -18,6 +18,7 @@ from fastdiff.backends.base import ModelRunner, TorchRunner
 from fastdiff.conditioning_inputs import check_latents, prepare_conditioning
 from fastdiff.errors import InvalidInput, NonFiniteError, UnknownBackend
 from fastdiff.images import OUTPUT_TYPES, to_images
+from fastdiff.models.label_unet import is_label_model
 from fastdiff.ops import fused_step
 from fastdiff.ops.dispatch import BACKENDS as STEP_BACKENDS
 from fastdiff.ops.dispatch import resolve
@@ -93,7 +94,7 @@ class Sampler:
 
         model_backend, self.step_backend = _split_backend(backend, step_backend)
         model = _load_model(model)
-        self.label_model = model if hasattr(model, "encode_labels") and hasattr(model, "unet") else None
+        self.label_model = model if is_label_model(model) else None
         unet = self.label_model.unet if self.label_model is not None else model
         if isinstance(unet, torch.nn.Module) and (device is not None or dtype is not None):
             (self.label_model or unet).to(device=device, dtype=dtype)

@@ -24,7 +24,7 @@ def tiny_unet(in_channels: int = 1, cross_attention_dim: int = 8, sample_size: i
 
 def tiny_label_model(name: str = "tiny", seed: int = 0, scheduler_config: dict | None = None):
     """A random LabelConditionedUNet (10 classes, 1 token) with the digits teacher's noise schedule."""
-    from fastdiff.models.conditioning import LabelConditionedUNet
+    from fastdiff.models.label_unet import LabelConditionedUNet
 
     cfg = scheduler_config or {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
                                "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}

@@ -19,6 +19,7 @@ import torch
 
 from fastdiff.backends.base import ModelRunner, TorchRunner
 from fastdiff.errors import BackendUnavailable, ExportError, InvalidInput, ModelNotFound, UnknownBackend
+from fastdiff.models.label_unet import is_label_model
 
 MODEL_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_SUFFIXES = (".onnx",)
@@ -33,10 +34,6 @@ def model_backend_reasons(device: torch.device | str | None = None) -> dict[str,
     from fastdiff.backends.tensorrt import tensorrt_reasons
 
     return {"onnxruntime": onnxruntime_reasons(device), "tensorrt": tensorrt_reasons(device)}
-
-
-def _is_label_model(model: Any) -> bool:
-    return hasattr(model, "encode_labels") and hasattr(model, "unet")
 
 
 def make_runner(model: Any, backend: str = "torch", device: torch.device | str | None = None,
@@ -60,7 +57,7 @@ def make_runner(model: Any, backend: str = "torch", device: torch.device | str |
     if not isinstance(model, torch.nn.Module):
         raise InvalidInput(f"cannot run a {type(model).__name__}: pass a diffusers UNet, a LabelConditionedUNet, an "
                            "exported .onnx / .engine path or a ModelRunner")
-    unet = model.unet if _is_label_model(model) else model
+    unet = model.unet if is_label_model(model) else model
     p = next(unet.parameters())
     dev = torch.device(device) if device is not None else p.device
     if backend in ("torch", "auto"):
@@ -76,7 +73,7 @@ def make_runner(model: Any, backend: str = "torch", device: torch.device | str |
         from fastdiff.backends.tensorrt import TensorRTRunner
 
         runner = TensorRTRunner.from_torch(unet, device=dev, dtype=dtype, **options)
-    if _is_label_model(model):
+    if is_label_model(model):
         runner.label_model = model
     return runner
 

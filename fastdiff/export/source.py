@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fastdiff.errors import InvalidInput, ModelNotFound
+from fastdiff.models.label_unet import is_label_model
 
 UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
 
@@ -108,7 +109,7 @@ def resolve_model(model: Any) -> ModelSource:
     folder (``config.json`` + ``model.safetensors``, e.g. a distilled one-step student), a diffusers pipeline
     folder (with ``unet/``) or UNet folder, a ``LabelConditionedUNet`` or a diffusers UNet object."""
     if isinstance(model, torch.nn.Module):
-        if hasattr(model, "encode_labels") and hasattr(model, "unet"):
+        if is_label_model(model):
             return _from_label_model(model, getattr(model, "name", "custom"), "torch module")
         if type(model).__name__ not in UNET_CLASSES and not hasattr(model, "config"):
             raise InvalidInput(f"cannot export a {type(model).__name__}: pass a diffusers UNet2DConditionModel / "

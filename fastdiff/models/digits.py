@@ -67,7 +67,7 @@ TINY_UNET_CONFIG: dict = {**UNET_CONFIG, "block_out_channels": [8, 16], "cross_a
 def build_model(seed: int = 0, unet_config: dict | None = None, name: str = "digits"):
     """A freshly initialised digits :class:`LabelConditionedUNet` (seeded), with the teacher's scheduler config
     and default sampling settings. ``unet_config``: another architecture (e.g. :data:`TINY_UNET_CONFIG`)."""
-    from fastdiff.models.conditioning import LabelConditionedUNet
+    from fastdiff.models.label_unet import LabelConditionedUNet
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -16,7 +16,7 @@ import torch
 
 from fastdiff._atomic import atomic_write_bytes
 from fastdiff.errors import ModelNotFound
-from fastdiff.models.conditioning import LabelConditionedUNet
+from fastdiff.models.label_unet import LabelConditionedUNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: Models that ship inside the package, by name -> short description.

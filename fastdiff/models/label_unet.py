@@ -41,3 +41,9 @@ class LabelConditionedUNet(nn.Module):
     def forward(self, sample, timestep, labels):
         """Training-time forward: predict from labels directly (null label where dropped)."""
         return self.unet(sample, timestep, encoder_hidden_states=self.encode_labels(labels), return_dict=False)[0]
+
+
+def is_label_model(obj) -> bool:
+    """Whether ``obj`` is a label-conditioned model the samplers and exporters understand: a network ``unet`` plus
+    ``encode_labels`` (a :class:`LabelConditionedUNet`, or an exported file's rebuilt label table)."""
+    return hasattr(obj, "encode_labels") and hasattr(obj, "unet")
