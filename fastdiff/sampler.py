@@ -22,7 +22,8 @@ from fastdiff.models.label_unet import is_label_model
 from fastdiff.ops import fused_step
 from fastdiff.ops.dispatch import BACKENDS as STEP_BACKENDS
 from fastdiff.ops.dispatch import resolve
-from fastdiff.schedulers.plan import HIST_SLOTS, Col, StepPlan
+from fastdiff.ops.guidance import guidance_rescale_factors, step_threshold_limits
+from fastdiff.schedulers.plan import HIST_SLOTS, StepPlan
 
 MODEL_BACKENDS = ("onnxruntime", "tensorrt")
 DEFAULT_MODEL = "digits"
@@ -48,15 +49,6 @@ def _load_model(model):
 
         return load(model)
     return model
-
-
-def guidance_rescale_factors(model_out: torch.Tensor, batch: int, g: float, r: float) -> torch.Tensor:
-    """Per-sample factor f with ``m * f`` equal to diffusers' ``rescale_noise_cfg(m, c, r)``:
-    f = r * std(c) / std(m) + (1 - r), std over all but the batch dim (unbiased, as torch.std)."""
-    u, c = model_out[:batch].float(), model_out[batch:].float()
-    m = u + g * (c - u)
-    dims = list(range(1, m.dim()))
-    return (r * c.std(dim=dims) / m.std(dim=dims) + (1.0 - r)).float()
 
 
 class Sampler:
@@ -201,17 +193,6 @@ class Sampler:
         return state.x
 
     @staticmethod
-    def _threshold_limits(plan, row, out, x, cond, g, m_scale):  # noqa: PLR0913
-        from fastdiff.ops.reference import guided_output
-        from fastdiff.schedulers.thresholding import threshold_limits
-
-        m = guided_output(out, cond.batch, g, cond.cfg)
-        if m_scale is not None:
-            m = m * m_scale.view(-1, *([1] * (m.dim() - 1)))
-        x0 = row[Col.PX].float() * x.float() + row[Col.PM].float() * m
-        return threshold_limits(x0, plan.thresholding)
-
-    @staticmethod
     def _check_finite(flag: torch.Tensor, plan: StepPlan, dtype: torch.dtype) -> None:
         bad = torch.nonzero(flag).flatten()  # the one host sync of the loop, after the last step
         if bad.numel():
@@ -281,7 +262,7 @@ class LoopState:
             m_scale = guidance_rescale_factors(out, cond.batch, self.g, self.rescale)
         x0_limit = None
         if plan.thresholding is not None:
-            x0_limit = Sampler._threshold_limits(plan, row, out, x, cond, self.g, m_scale)
+            x0_limit = step_threshold_limits(out, x, row, cond.batch, self.g, cond.cfg, m_scale, plan.thresholding)
         fused_step(out, x, row, x, guidance_scale=self.g, cfg=cond.cfg, hist=self.hist, saved=self.saved,
                    noise=noise, next_in=None if last else self.model_in, m_scale=m_scale,
                    clip_range=plan.clip_range, x0_limit=x0_limit, flag=self.flag, backend=self.step_backend)

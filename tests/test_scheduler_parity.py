@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from fastdiff.ops import fused_step
-from fastdiff.schedulers import Col, Scheduler, get_scheduler, threshold_limits
+from fastdiff.ops.guidance import threshold_limits
+from fastdiff.schedulers import Col, Scheduler, get_scheduler
 from tests.tolerances import SCHED_LOOP_RTOL, SCHED_STEP_RTOL, poison, rel_err
 
 SHAPE = (2, 4, 8, 8)

@@ -13,6 +13,7 @@ import torch
 
 import fastdiff
 from fastdiff.ops import fused_step
+from fastdiff.ops.guidance import threshold_limits
 from fastdiff.schedulers import (
     DIFFUSERS_CLASSES,
     HIST_SLOTS,
@@ -23,7 +24,6 @@ from fastdiff.schedulers import (
     Thresholding,
     from_diffusers,
     get_scheduler,
-    threshold_limits,
 )
 from tests.tolerances import SCHED_STEP_RTOL, rel_err
 

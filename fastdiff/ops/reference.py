@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff.ops.guidance import compute_dtype, guided_output
 from fastdiff.schedulers.plan import HIST_SLOTS, Col
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _term(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     # A zero coefficient means "not read" in the kernels: 0 * NaN must stay 0 here too.
     return torch.where(c != 0, c * t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-def guided_output(model_out: torch.Tensor, batch: int, guidance_scale: float, cfg: bool) -> torch.Tensor:
-    """m = u + g * (c - u) over the (2B, ...) CFG batch (unconditional half first), in compute precision."""
-    ct = _compute_dtype(model_out)
-    if not cfg:
-        return model_out.to(ct)
-    u, c = model_out[:batch].to(ct), model_out[batch:].to(ct)
-    return u + guidance_scale * (c - u)
 
 
 def step_reference(
@@ -50,7 +38,7 @@ def step_reference(
     ``hist`` / ``saved`` / ``next_in`` / ``flag`` buffers in place. Shapes: ``x``, ``out``, ``noise``, ``saved``:
     (B, *S); ``model_out``, ``next_in``: (2B, *S) with CFG else (B, *S); ``hist``: (HIST_SLOTS, B, *S);
     ``coef``: (NCOEF,); ``m_scale``, ``x0_limit``: (B,) float32; ``flag``: (num_steps,) int32."""
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     batch = x.shape[0]
     bshape = (batch,) + (1,) * (x.dim() - 1)
     k = coef.to(device=x.device, dtype=ct)

@@ -14,11 +14,10 @@ from fastdiff.schedulers.lcm import LCM
 from fastdiff.schedulers.onestep import OneStep
 from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col, StepPlan, Thresholding, empty_coefs
 from fastdiff.schedulers.registry import DIFFUSERS_CLASSES, NAMES, from_diffusers, get_scheduler
-from fastdiff.schedulers.thresholding import threshold_limits
 from fastdiff.schedulers.unipc import UniPC
 
 __all__ = [
     "Col", "StepPlan", "Thresholding", "empty_coefs", "NCOEF", "HIST_SLOTS",
-    "Scheduler", "get_scheduler", "from_diffusers", "threshold_limits", "NAMES", "DIFFUSERS_CLASSES",
+    "Scheduler", "get_scheduler", "from_diffusers", "NAMES", "DIFFUSERS_CLASSES",
     "DDPM", "DDIM", "Euler", "EulerAncestral", "DPMSolverPP", "UniPC", "LCM", "OneStep",
 ]
