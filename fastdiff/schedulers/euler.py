@@ -28,8 +28,7 @@ from fastdiff.schedulers.betas import (
     timestep_grid,
 )
 from fastdiff.schedulers.plan import StepPlan
-
-FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+from fastdiff.schedulers.sigmas import FINAL_SIGMAS_TYPES
 
 
 def sigma_x0_coefs(prediction_type: str, sigma: float) -> tuple[float, float]:

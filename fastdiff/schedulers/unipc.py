@@ -25,9 +25,8 @@ import numpy as np
 
 from fastdiff.errors import InvalidInput
 from fastdiff.schedulers.base import COMMON_DEFAULTS, THRESHOLD_DEFAULTS, Rows, x0_coefs
-from fastdiff.schedulers.dpmsolver import SIGMA_NEUTRAL, SigmaGrid, vp_from_sigma
-from fastdiff.schedulers.euler import FINAL_SIGMAS_TYPES
 from fastdiff.schedulers.plan import HIST_SLOTS, StepPlan
+from fastdiff.schedulers.sigmas import FINAL_SIGMAS_TYPES, SIGMA_NEUTRAL, SigmaGrid, vp_from_sigma
 
 
 def _b_coefs(hh: float, order: int, solver_type: str) -> tuple[float, list[float]]:
