@@ -4,7 +4,9 @@ numbers where it has them."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import re
 
 import diffusers
 import numpy as np
@@ -66,6 +68,30 @@ def test_defaults_equal_diffusers_defaults(cls_name):
         assert value == theirs[key] or (value in ([], None) and theirs[key] in ([], None)), key
     for key, value in ours.NEUTRAL.items():
         assert theirs.get(key) == value, key
+
+
+SCHEDULER_CLASSES = {cls.__name__: cls for cls, _ in NAMES.values()}
+# An ``Args:`` entry of a class docstring: ``key (type, default <literal>): ...`` for a key taken at any value,
+# ``key (type, only <literal>): ...`` for one accepted at a single neutral value (Scheduler.NEUTRAL).
+ARG_ENTRY = re.compile(r"^ {8}(\w+) \(([^)]*), (default|only) ([^)]*)\): ", re.MULTILINE)
+
+
+def _literal(text: str):
+    return float(text) if text in ("inf", "-inf") else ast.literal_eval(text)
+
+
+@pytest.mark.parametrize("cls_name", list(SCHEDULER_CLASSES))
+def test_every_config_key_is_documented(cls_name):
+    """The class docstring documents exactly the keys the class accepts, each with its real default (or the one
+    value it accepts), so the docs cannot drift from DEFAULTS / NEUTRAL."""
+    cls = SCHEDULER_CLASSES[cls_name]
+    documented = {m[0]: (m[2], m[3]) for m in ARG_ENTRY.findall(cls.__doc__ or "")}
+    accepted = {**{k: ("default", v) for k, v in cls.DEFAULTS.items()},
+                **{k: ("only", v) for k, v in cls.NEUTRAL.items()}}
+    assert sorted(documented) == sorted(accepted), f"{cls_name}: docstring Args and accepted keys differ"
+    for key, (kind, value) in accepted.items():
+        doc_kind, doc_value = documented[key]
+        assert (doc_kind, _literal(doc_value)) == (kind, value), f"{cls_name}.{key}: documented {doc_kind} {doc_value}"
 
 
 CONFIGS = [

@@ -1,6 +1,6 @@
 """StepPlan: a scheduler reduced to host-side numbers.
 
-Every supported sampler step is a per-element linear map (GUIDE section 1). Per step ``i`` the plan holds one
+Every supported sampler step is a per-element linear map. Per step ``i`` the plan holds one
 row of float64 coefficients, ``plan.coefs[i]``, and the fused step computes, for every element::
 
     m      = u + g * (c - u)                       # CFG on the 2B model batch (or m = model_out without CFG)
