@@ -1,7 +1,7 @@
 """Fused attention (``fastdiff.ops.attention``) against a float64 softmax(q k^T · scale) v.
 
 Three ways: the Triton kernel under the interpreter on CPU tensors (marker ``triton_interpret``; TRITON_INTERPRET
-is set per test, which works whatever imported triton first, see ``fastdiff/kernels/triton/_twin.py``), the
+is set per test, which works whatever imported triton first, see ``fastdiff/kernels/triton/twin.py``), the
 kernel compiled offline for sm80 / sm90 (no GPU needed: a compile check plus a no-spill check on the shipped
 configs), and the full dtype x head-dim grid compiled on a GPU (marker ``cuda``, skipped without one).
 """
@@ -226,7 +226,7 @@ class TestCompilesOffline:
     @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
     def test_compiles_without_spills(self, case, monkeypatch):
         from fastdiff.kernels.triton import attention as kern
-        from fastdiff.kernels.triton._twin import compile_offline, resource_usage, triton_type
+        from fastdiff.kernels.triton.twin import compile_offline, resource_usage, triton_type
 
         monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
         arch, dtype, d, even_n = case

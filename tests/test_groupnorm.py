@@ -177,9 +177,9 @@ class TestCpp(_GroupNormChecks):
             check(group_norm(x, 4, w_, b_, silu=True, add=a_, backend="cpp"), x, 4, w_, b_, 1e-5, True, TOL, a_)
 
     def test_several_threads(self, monkeypatch):
-        from fastdiff.kernels import cpu_groupnorm
+        from fastdiff.kernels.cpp import groupnorm as cpp_groupnorm
 
-        monkeypatch.setattr(cpu_groupnorm, "GRAIN", 1)  # one thread per element: as many as torch allows
+        monkeypatch.setattr(cpp_groupnorm, "GRAIN", 1)  # one thread per element: as many as torch allows
         old = torch.get_num_threads()
         torch.set_num_threads(2)
         try:
@@ -191,7 +191,7 @@ class TestCpp(_GroupNormChecks):
             torch.set_num_threads(old)
 
     def test_malformed_call_is_a_value_error(self):
-        from fastdiff.kernels._common import group_norm_args
+        from fastdiff.kernels.compiled_args import group_norm_args
 
         x = torch.randn(1, 6, 4)
         args = list(group_norm_args(x, torch.empty_like(x), None, None, None, 4, 1e-5, False))
@@ -334,7 +334,7 @@ class TestCompilesOffline:
     @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
     def test_compiles_without_spills(self, case, monkeypatch):
         from fastdiff.kernels.triton import groupnorm as kern
-        from fastdiff.kernels.triton._twin import compile_offline, resource_usage
+        from fastdiff.kernels.triton.twin import compile_offline, resource_usage
 
         monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
         (n, c, length), channels_last, arch = case

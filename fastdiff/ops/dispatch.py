@@ -55,7 +55,7 @@ class TorchBackend(StepBackend):
 
 class CppBackend(StepBackend):
     name = "cpp"
-    launcher = "fastdiff.kernels.cpu_step:launch"
+    launcher = "fastdiff.kernels.cpp.step:launch"
 
     def environment_reasons(self, device):
         from fastdiff import _ext
@@ -70,7 +70,7 @@ class CppBackend(StepBackend):
 
 class CudaBackend(StepBackend):
     name = "cuda"
-    launcher = "fastdiff.kernels.cuda_step:launch"
+    launcher = "fastdiff.kernels.cuda.step:launch"
 
     def environment_reasons(self, device):
         from fastdiff import _ext

@@ -33,8 +33,8 @@ MAX_CHANNELS_PER_GROUP = 1024  # Triton and CUDA: a group's channels in one bloc
 # The cpp / cuda availability checks must not import anything inside a torch.compile trace (dynamo refuses
 # importlib): load the compiled modules (a few ms, never raises) before any trace can ask.
 _ext.load_all()
-_LAUNCHERS = {"triton": "fastdiff.kernels.triton.groupnorm", "cuda": "fastdiff.kernels.cuda_groupnorm",
-              "cpp": "fastdiff.kernels.cpu_groupnorm"}
+_LAUNCHERS = {"triton": "fastdiff.kernels.triton.groupnorm", "cuda": "fastdiff.kernels.cuda.groupnorm",
+              "cpp": "fastdiff.kernels.cpp.groupnorm"}
 
 
 def _as_ncl(t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff import _ext
-from fastdiff.kernels._common import step_args
+from fastdiff.kernels.compiled_args import step_args
 
 
 def launch(
