@@ -268,11 +268,10 @@ class TestTritonCuda(_AttentionChecks):
         check(attention(q, k, v), q, k, v, TOL)  # auto must pick triton here
 
     def test_auto_picks_triton(self):
-        from fastdiff.ops.attention import triton_reasons
-        from fastdiff.ops.model_dispatch import choose
+        from fastdiff.ops.registry import choose
 
         q, k, v = make_qkv(1, 2, 64, 64, 40, torch.float16, "cuda")
-        assert choose("attention", "auto", q.device, {"triton": lambda: triton_reasons(q, k, v)}) == "triton"
+        assert choose("attention", "auto", q.device, q, k, v).backend == "triton"
 
     @torch.no_grad()
     def test_cuda_graph_replay(self):

@@ -8,15 +8,14 @@ nvcc for the .cu): they compile, do not spill and (NCHW) move 16-byte vectors.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastdiff import _ext
 from fastdiff.errors import BackendUnavailable, InvalidInput, UnknownBackend
-from fastdiff.ops.groupnorm import _LAUNCHERS, MAX_CHANNELS_PER_GROUP, group_norm
+from fastdiff.ops.groupnorm import group_norm
+from fastdiff.ops.registry import MAX_CHANNELS_PER_GROUP, OP_KERNELS, TABLE
 from tests.kernel_helpers import compile_recording, cuda_only, needs_cpu_ext, needs_cuda_ext
 from tests.tolerances import STEP_TOL
 
@@ -130,7 +129,7 @@ class _GroupNormChecks:
         assert "torch.ops.fastdiff.group_norm" in graphs[0] and repr(self.backend) in graphs[0]
 
     def test_kernel_writes_every_output(self):
-        launch = importlib.import_module(_LAUNCHERS[self.backend]).launch
+        launch = TABLE["group_norm", self.backend].launch_fn()
         x, w, b, add = make((3, 12, 7, 5), 3, torch.float32, self.device, with_add=True)
         for fmt in (torch.contiguous_format, torch.channels_last):
             y = torch.full_like(x, float("nan")).to(memory_format=fmt)
@@ -277,7 +276,6 @@ class TestDispatchAndErrors:
         """OP_KERNELS (what `fastdiff info` prints) names exactly the kernels each op accepts."""
         from fastdiff.ops.attention import attention
         from fastdiff.ops.geglu import geglu
-        from fastdiff.ops.model_dispatch import OP_KERNELS
 
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         q = torch.randn(1, 2, 8, 16)

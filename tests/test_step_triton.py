@@ -335,7 +335,7 @@ class TestTritonInterpret(_StepChecks):
     def test_int64_offset_path(self, dtype):
         # Video latents need int64 addressing (3 hist planes > 2**31 elements); force that variant on a small case.
         from fastdiff.kernels.triton import step
-        from fastdiff.ops.reference import step_reference
+        from fastdiff.ops.step import step_reference
 
         kw = make_inputs(Case(dtype=dtype, **ALL_ON, seed=22), self.device)
         wide = launch_direct(kw, lambda *a: step._launch(*a, force_wide=True))
@@ -416,7 +416,7 @@ class TestTritonCuda(_StepChecks):
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_int64_offset_path(self, dtype):
         from fastdiff.kernels.triton import step
-        from fastdiff.ops.reference import step_reference
+        from fastdiff.ops.step import step_reference
 
         kw = make_inputs(Case(shape=(2, 4, 33, 65), dtype=dtype, **ALL_ON, seed=32), self.device)
         wide = launch_direct(kw, lambda *a: step._launch(*a, force_wide=True))

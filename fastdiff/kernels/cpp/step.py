@@ -35,7 +35,7 @@ def launch(
     flag: torch.Tensor | None = None,
 ) -> None:
     """One fused step on contiguous CPU tensors; same arguments and math as
-    :func:`fastdiff.ops.reference.step_reference`. Uses up to ``torch.get_num_threads()`` OpenMP threads, one
+    :func:`fastdiff.ops.step.step_reference`. Uses up to ``torch.get_num_threads()`` OpenMP threads, one
     per ``GRAIN`` elements (see :func:`threads_for`)."""
     mod = _ext.require_cpu()
     args = step_args(model_out, x, coef, out, guidance_scale, cfg, hist, saved, noise, next_in, m_scale, clip_range,

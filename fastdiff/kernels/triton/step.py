@@ -1,6 +1,6 @@
 """The generic fused sampler step as one Triton kernel (the ``triton`` backend of :func:`fastdiff.ops.fused_step`).
 
-Math and semantics are those of :func:`fastdiff.ops.reference.step_reference` (see :mod:`fastdiff.schedulers.plan`):
+Math and semantics are those of :func:`fastdiff.ops.step.step_reference` (see :mod:`fastdiff.schedulers.plan`):
 CFG, per-sample guidance rescale, x0 prediction, clip / dynamic-threshold clamp, the linear update of ``out`` and
 ``saved``, the history-ring write, ``next_in`` (into every CFG half) and the non-finite flag, in one pass. The
 coefficient row is read by the kernel from device memory (the host never looks at it, so a step whose row is
@@ -225,7 +225,7 @@ def launch(
     x0_limit: torch.Tensor | None = None,
     flag: torch.Tensor | None = None,
 ) -> None:
-    """Run one fused step; same arguments, shapes and effects as :func:`fastdiff.ops.reference.step_reference`.
+    """Run one fused step; same arguments, shapes and effects as :func:`fastdiff.ops.step.step_reference`.
 
     Tensors must be contiguous, on one device, and already validated (:func:`fastdiff.ops.fused_step` does both).
     ``coef`` is a (NCOEF,) float32 row in device memory; it is never read on the host. Differences from the
