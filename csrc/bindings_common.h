@@ -49,7 +49,7 @@ inline T* as_ptr(std::uintptr_t addr) {
   return reinterpret_cast<T*>(addr);
 }
 
-// The positional arguments of `step` (see fastdiff/kernels/_common.py:step_args), in this order.
+// The positional arguments of `step` (see fastdiff/kernels/compiled_args.py:step_args), in this order.
 inline StepParams make_params(std::uintptr_t model_out, std::uintptr_t x, std::uintptr_t coef, std::uintptr_t out,
                               std::uintptr_t hist, std::uintptr_t saved, std::uintptr_t noise,
                               std::uintptr_t next_in, std::uintptr_t m_scale, std::uintptr_t x0_limit,
@@ -86,7 +86,7 @@ inline StepParams make_params(std::uintptr_t model_out, std::uintptr_t x, std::u
       py::arg("flag_len"), py::arg("batch"), py::arg("per_sample"), py::arg("next_halves"), py::arg("dtype"),    \
       py::arg("cfg"), py::arg("guidance_scale"), py::arg("has_clip"), py::arg("clip_range")
 
-// The positional arguments of `group_norm` (see fastdiff/kernels/_common.py:group_norm_args), in this order.
+// The positional arguments of `group_norm` (see fastdiff/kernels/compiled_args.py:group_norm_args), in this order.
 inline GroupNormParams make_group_norm_params(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight,
                                               std::uintptr_t bias, std::uintptr_t add, std::int64_t n,
                                               std::int64_t c, std::int64_t l, std::int64_t groups, std::int64_t sxn,

@@ -12,7 +12,7 @@ using fastdiff::make_group_norm_params;
 using fastdiff::make_params;
 
 PYBIND11_MODULE(_C_cpu, m) {
-  m.doc() = "fastdiff fused sampler step and GroupNorm, C++ / OpenMP (raw pointers; called by fastdiff.kernels.cpu_*)";
+  m.doc() = "fastdiff fused sampler step and GroupNorm, C++ / OpenMP (raw pointers; called by fastdiff.kernels.cpp.*)";
   fastdiff::add_constants(m);
 
   m.def(

@@ -14,7 +14,7 @@ using fastdiff::make_group_norm_params;
 using fastdiff::make_params;
 
 PYBIND11_MODULE(_C_cuda, m) {
-  m.doc() = "fastdiff fused sampler step and GroupNorm, CUDA (raw device pointers; called by fastdiff.kernels.cuda_*)";
+  m.doc() = "fastdiff fused sampler step and GroupNorm, CUDA (raw device pointers; called by fastdiff.kernels.cuda.*)";
   fastdiff::add_constants(m);
   // A RuntimeError subclass, so callers may catch either.
   py::register_exception<fastdiff::CudaError>(m, "CudaError", PyExc_RuntimeError);

@@ -21,7 +21,7 @@ constexpr int WSLOT = 17, IN_NEXT = 18, NOISE = 19, STEP = 20;
 constexpr int kNcoef = 24;
 constexpr int kHistSlots = 3;
 
-// Storage dtype codes (fastdiff/kernels/_common.py holds the Python side of this table).
+// Storage dtype codes (fastdiff/kernels/compiled_args.py holds the Python side of this table).
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 struct StepParams {

@@ -24,7 +24,7 @@ def info() -> int:
 
     import fastdiff
     from fastdiff import _ext
-    from fastdiff.ops.dispatch import availability
+    from fastdiff.ops import registry
 
     print(f"fastdiff {fastdiff.__version__}  python {platform.python_version()}  {platform.platform()}")
     for pkg in ("torch", "triton", "diffusers", "numpy", "onnx", "onnxruntime", "tensorrt"):
@@ -40,18 +40,17 @@ def info() -> int:
             devices.append(f"cuda:{i}")
     else:
         print("device: no CUDA GPU visible")
+    # From the one op registry: op x backend x device. A backend's environment reasons are the same for every op.
     print("step backends (fused scheduler step + CFG):")
     for dev in devices:
-        for name, reasons in availability(dev).items():
+        for name, reasons in registry.availability(dev).items():
             state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
             print(f"  {dev:7s} {name:7s} {state}")
     print("model-op kernels (fastdiff.optimize: attention, GroupNorm+SiLU, GEGLU; 'auto' = triton on CUDA):")
-    from fastdiff.ops.model_dispatch import OP_KERNELS, environment_reasons
-
     for dev in devices:
-        for kernel in ("triton", "cuda", "cpp"):
-            ops = ", ".join(op for op, kernels in OP_KERNELS.items() if kernel in kernels)
-            reasons = environment_reasons(kernel, torch.device(dev))
+        for kernel in (b for b in registry.MODEL_OP_BACKENDS if b != "torch"):  # the reference always runs
+            ops = ", ".join(op for op in registry.MODEL_OPS if (op, kernel) in registry.TABLE)
+            reasons = registry.environment_reasons(kernel, torch.device(dev))
             state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
             print(f"  {dev:7s} {kernel:7s} [{ops}] {state}")
     print("model backends:")

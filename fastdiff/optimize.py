@@ -35,7 +35,7 @@ from fastdiff.errors import BackendUnavailable, InvalidInput
 from fastdiff.ops.attention import attention
 from fastdiff.ops.geglu import geglu
 from fastdiff.ops.groupnorm import group_norm
-from fastdiff.ops.model_dispatch import OP_KERNELS, check_backend_name, environment_reasons
+from fastdiff.ops.registry import OP_KERNELS, check_backend_name, environment_reasons
 
 log = logging.getLogger("fastdiff")
 

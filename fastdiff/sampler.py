@@ -19,9 +19,8 @@ from fastdiff.conditioning_inputs import check_latents, prepare_conditioning
 from fastdiff.errors import InvalidInput, NonFiniteError, UnknownBackend
 from fastdiff.images import OUTPUT_TYPES, to_images
 from fastdiff.models.label_unet import is_label_model
-from fastdiff.ops import fused_step
-from fastdiff.ops.dispatch import BACKENDS as STEP_BACKENDS
-from fastdiff.ops.dispatch import resolve
+from fastdiff.ops import BACKENDS as STEP_BACKENDS
+from fastdiff.ops import fused_step, resolve
 from fastdiff.ops.guidance import guidance_rescale_factors, step_threshold_limits
 from fastdiff.schedulers.plan import HIST_SLOTS, StepPlan
 

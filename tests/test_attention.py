@@ -2,7 +2,7 @@
 error PyTorch's own SDPA makes at the same precision (tests/tolerances.py, REF_ERR_TOL).
 
 Three ways: the Triton kernel under the interpreter on CPU tensors (marker ``triton_interpret``; TRITON_INTERPRET
-is set per test, which works whatever imported triton first, see ``fastdiff/kernels/triton/_twin.py``), the
+is set per test, which works whatever imported triton first, see ``fastdiff/kernels/triton/twin.py``), the
 kernel compiled offline for sm80 / sm90 (no GPU needed: a compile check plus a no-spill check on the shipped
 configs), and the full dtype x head-dim grid compiled on a GPU (marker ``cuda``, skipped without one).
 """
@@ -224,7 +224,7 @@ class TestCompilesOffline:
     @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
     def test_compiles_without_spills(self, case, monkeypatch):
         from fastdiff.kernels.triton import attention as kern
-        from fastdiff.kernels.triton._twin import compile_offline, resource_usage, triton_type
+        from fastdiff.kernels.triton.twin import compile_offline, resource_usage, triton_type
 
         monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
         arch, dtype, d, even_n = case
@@ -266,11 +266,10 @@ class TestTritonCuda(_AttentionChecks):
         check(attention(q, k, v), q, k, v, self.op)  # auto must pick triton here
 
     def test_auto_picks_triton(self):
-        from fastdiff.ops.attention import triton_reasons
-        from fastdiff.ops.model_dispatch import choose
+        from fastdiff.ops.registry import choose
 
         q, k, v = make_qkv(1, 2, 64, 64, 40, torch.float16, "cuda")
-        assert choose("attention", "auto", q.device, {"triton": lambda: triton_reasons(q, k, v)}) == "triton"
+        assert choose("attention", "auto", q.device, q, k, v).backend == "triton"
 
     @torch.no_grad()
     def test_cuda_graph_replay(self):

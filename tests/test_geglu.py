@@ -127,7 +127,7 @@ class TestCompilesOffline:
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
     def test_compiles_vectorised_without_spills(self, arch, dtype, monkeypatch):
         from fastdiff.kernels.triton import geglu as kern
-        from fastdiff.kernels.triton._twin import compile_offline, resource_usage, triton_type
+        from fastdiff.kernels.triton.twin import compile_offline, resource_usage, triton_type
 
         monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
         cfg = kern.config(2 * 4096, 1280, interpret=False)  # SD1.5's first feed-forward: (8192, 2 x 1280)

@@ -10,7 +10,6 @@ nvcc for the .cu): they compile, do not spill and (NCHW) move 16-byte vectors.
 from __future__ import annotations
 
 import functools
-import importlib
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ import torch.nn.functional as F
 
 from fastdiff import _ext
 from fastdiff.errors import BackendUnavailable, InvalidInput, UnknownBackend
-from fastdiff.ops.groupnorm import _LAUNCHERS, MAX_CHANNELS_PER_GROUP, group_norm
+from fastdiff.ops.groupnorm import group_norm
+from fastdiff.ops.registry import MAX_CHANNELS_PER_GROUP, OP_KERNELS, TABLE
 from tests.kernel_helpers import compile_recording, cuda_only, needs_cpu_ext, needs_cuda_ext
 from tests.tolerances import assert_within_reference_error
 
@@ -134,7 +134,7 @@ class _GroupNormChecks:
         assert "torch.ops.fastdiff.group_norm" in graphs[0] and repr(self.backend) in graphs[0]
 
     def test_kernel_writes_every_output(self):
-        launch = importlib.import_module(_LAUNCHERS[self.backend]).launch
+        launch = TABLE["group_norm", self.backend].launch_fn()
         x, w, b, add = make((3, 12, 7, 5), 3, torch.float32, self.device, with_add=True)
         for fmt in (torch.contiguous_format, torch.channels_last):
             y = torch.full_like(x, float("nan")).to(memory_format=fmt)
@@ -179,9 +179,9 @@ class TestCpp(_GroupNormChecks):
             check(group_norm(x, 4, w_, b_, silu=True, add=a_, backend="cpp"), x, 4, w_, b_, 1e-5, True, a_)
 
     def test_several_threads(self, monkeypatch):
-        from fastdiff.kernels import cpu_groupnorm
+        from fastdiff.kernels.cpp import groupnorm as cpp_groupnorm
 
-        monkeypatch.setattr(cpu_groupnorm, "GRAIN", 1)  # one thread per element: as many as torch allows
+        monkeypatch.setattr(cpp_groupnorm, "GRAIN", 1)  # one thread per element: as many as torch allows
         old = torch.get_num_threads()
         torch.set_num_threads(2)
         try:
@@ -193,7 +193,7 @@ class TestCpp(_GroupNormChecks):
             torch.set_num_threads(old)
 
     def test_malformed_call_is_a_value_error(self):
-        from fastdiff.kernels._common import group_norm_args
+        from fastdiff.kernels.compiled_args import group_norm_args
 
         x = torch.randn(1, 6, 4)
         args = list(group_norm_args(x, torch.empty_like(x), None, None, None, 4, 1e-5, False))
@@ -279,7 +279,6 @@ class TestDispatchAndErrors:
         """OP_KERNELS (what `fastdiff info` prints) names exactly the kernels each op accepts."""
         from fastdiff.ops.attention import attention
         from fastdiff.ops.geglu import geglu
-        from fastdiff.ops.model_dispatch import OP_KERNELS
 
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         q = torch.randn(1, 2, 8, 16)
@@ -336,7 +335,7 @@ class TestCompilesOffline:
     @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
     def test_compiles_without_spills(self, case, monkeypatch):
         from fastdiff.kernels.triton import groupnorm as kern
-        from fastdiff.kernels.triton._twin import compile_offline, resource_usage
+        from fastdiff.kernels.triton.twin import compile_offline, resource_usage
 
         monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
         (n, c, length), channels_last, arch = case

@@ -133,7 +133,7 @@ def test_info_command_lists_backends_with_reasons():
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_op_under_torch_compile(backend):
     """Compiled code goes through the fastdiff::fused_step custom op (eager calls launch directly)."""
-    from fastdiff.ops.dispatch import BACKENDS
+    from fastdiff.ops import BACKENDS
 
     if BACKENDS[backend].not_supported_reasons(torch.empty(1)):
         pytest.skip(f"{backend} backend not available here")

@@ -13,8 +13,8 @@ import torch
 
 from fastdiff import _ext
 from fastdiff.errors import InvalidInput
-from fastdiff.kernels import cpu_step
-from fastdiff.kernels._common import DTYPE_CODES
+from fastdiff.kernels.compiled_args import DTYPE_CODES
+from fastdiff.kernels.cpp import step as cpp_step
 from fastdiff.ops import fused_step, resolve
 from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
 from tests.kernel_helpers import needs_cpu_ext
@@ -90,7 +90,7 @@ def test_launcher_rejects_strided_views():
     kw = make_inputs(StepCase(seed=4))
     kw["x"] = kw["x"].transpose(-1, -2).contiguous().transpose(-1, -2)
     with pytest.raises(InvalidInput, match="contiguous"):
-        cpu_step.launch(**kw)
+        cpp_step.launch(**kw)
 
 
 def test_op_returns_out():

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastdiff import _ext
-from fastdiff.kernels._common import DTYPE_CODES
+from fastdiff.kernels.compiled_args import DTYPE_CODES
 from fastdiff.ops import fused_step
 from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
 from tests.kernel_helpers import needs_cuda_ext

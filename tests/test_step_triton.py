@@ -2,7 +2,8 @@
 
 The same checks run twice: under the Triton interpreter on CPU tensors (marker ``triton_interpret``; the
 ``TRITON_INTERPRET=1`` it needs is set per test, which works whatever imported triton first, because
-:mod:`fastdiff.kernels.triton.step` picks compiled vs interpreted at launch), and compiled on a GPU (marker ``cuda``,
+the kernel of :mod:`fastdiff.kernels.triton.step` is a :class:`~fastdiff.kernels.triton.twin.Twin`, which picks
+compiled vs interpreted at launch), and compiled on a GPU (marker ``cuda``,
 skipped without one). Interpreter cases are small: the interpreter costs milliseconds per program.
 """
 
@@ -334,7 +335,7 @@ class TestTritonInterpret(_StepChecks):
     def test_int64_offset_path(self, dtype):
         # Video latents need int64 addressing (3 hist planes > 2**31 elements); force that variant on a small case.
         from fastdiff.kernels.triton import step
-        from fastdiff.ops.reference import step_reference
+        from fastdiff.ops.step import step_reference
 
         kw = make_inputs(Case(dtype=dtype, **ALL_ON, seed=22), self.device)
         wide = launch_direct(kw, lambda *a: step._launch(*a, force_wide=True))
@@ -346,11 +347,11 @@ class TestTritonInterpret(_StepChecks):
 
         from fastdiff.kernels.triton import step
 
-        assert isinstance(step._kernel(), InterpretedFunction)
+        assert isinstance(step._fused_step_kernel.kernel(), InterpretedFunction)
         monkeypatch.delenv("TRITON_INTERPRET")
-        compiled = step._kernel()
+        compiled = step._fused_step_kernel.kernel()
         assert isinstance(compiled, JITFunction) and compiled.fn is step._fused_step_kernel.fn
-        assert step._kernel() is compiled  # built once
+        assert step._fused_step_kernel.kernel() is compiled  # built once
 
     def test_block_config(self):
         from fastdiff.kernels.triton import step
@@ -363,7 +364,8 @@ class TestTritonInterpret(_StepChecks):
 
 class TestTritonCompilesOffline:
     """The kernel through Triton's real NVIDIA pipeline (TTIR -> PTX -> cubin) on a machine without a GPU: catches
-    what the interpreter cannot (type errors in scf.if branches, int64 paths, layouts), and the vector width."""
+    what the interpreter cannot (type errors in scf.if branches, int64 paths, layouts), the vector width, and
+    spills."""
 
     VARIANTS = {
         "fp16-euler-cfg": (torch.float16, 4, dict(CFG=True, HAS_NEXT=True, CLAMP=0, BLOCK=1024)),
@@ -378,13 +380,24 @@ class TestTritonCompilesOffline:
     @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
     def test_compiles_for_sm80_sm90(self, variant, arch, monkeypatch):
         from fastdiff.kernels.triton import step
+        from fastdiff.kernels.triton.twin import compile_offline, resource_usage, triton_type
 
         monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # we pass it explicitly; silence 3.9's default warning
         dtype, warps, meta = variant
         meta = {**dict.fromkeys(self.SWITCHES, False), **meta}
-        compiled = step._compile_offline(arch, dtype, num_warps=warps, **meta)
+        kernel = step._fused_step_kernel
+        scalars = {"guidance_scale": "fp32", "clip_range": "fp32", "numel": "i32", "per_sample": "i32",
+                   "flag_len": "i32"}
+        f32_ptrs = ("coef_ptr", "m_scale_ptr", "x0_limit_ptr")
+        types = {n: scalars.get(n) or ("*i32" if n == "flag_ptr" else "*fp32" if n in f32_ptrs
+                                       else f"*{triton_type(dtype)}") for n in kernel.arg_names if n not in meta}
+        # Pointers and the two sizes get the 16-divisibility hints a real launch with aligned, %16 tensors gets.
+        aligned = tuple(n for n in kernel.arg_names if n.endswith("_ptr") or n in ("numel", "per_sample"))
+        compiled = compile_offline(kernel, arch, types, meta, num_warps=warps, aligned=aligned)
         ptx = compiled.asm["ptx"]
         assert compiled.asm["cubin"]
+        usage = resource_usage(compiled)
+        assert usage["stack"] == 0 and usage["local"] == 0, usage
         if dtype == torch.float16:  # fp16 moves 8 elements per 16-byte access
             assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
 
@@ -403,7 +416,7 @@ class TestTritonCuda(_StepChecks):
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_int64_offset_path(self, dtype):
         from fastdiff.kernels.triton import step
-        from fastdiff.ops.reference import step_reference
+        from fastdiff.ops.step import step_reference
 
         kw = make_inputs(Case(shape=(2, 4, 33, 65), dtype=dtype, **ALL_ON, seed=32), self.device)
         wide = launch_direct(kw, lambda *a: step._launch(*a, force_wide=True))

@@ -2,7 +2,7 @@
 
     out[b, h] = softmax(q[b, h] @ k[b, h]^T * scale) @ v[b, h]       (no mask, no dropout, not causal)
 
-Backends (see :mod:`fastdiff.ops.model_dispatch`): ``"torch"`` is ``F.scaled_dot_product_attention`` (the
+Backends (see :mod:`fastdiff.ops.registry`): ``"torch"`` is ``F.scaled_dot_product_attention`` (the
 reference), ``"triton"`` the flash-attention kernel of :mod:`fastdiff.kernels.triton.attention`, registered as the
 custom op ``fastdiff::flash_attention`` (with a fake implementation) so it works under ``torch.compile`` and in
 CUDA graphs. ``"auto"`` takes Triton for fp16 / bf16 CUDA tensors with a head dim in [16, 256].
@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.errors import InvalidInput
-from fastdiff.ops.model_dispatch import choose, grad_reasons, tracing
+from fastdiff.ops.registry import TABLE, choose, tracing
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # as fastdiff.kernels.triton.attention (not imported: it imports triton)
-MAX_GRID_Y = 65535  # B * H is the grid's second axis
+_TRITON = TABLE["attention", "triton"]
 
 
 def _out_like(q: torch.Tensor) -> torch.Tensor:
@@ -31,10 +29,8 @@ def _out_like(q: torch.Tensor) -> torch.Tensor:
 
 
 def _flash_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    from fastdiff.kernels.triton.attention import launch
-
     out = _out_like(q)
-    launch(q, k, v, out, scale)
+    _TRITON.launch_fn()(q, k, v, out, scale)
     return out
 
 
@@ -77,27 +73,6 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         raise InvalidInput(f"scale must be a finite number, got {scale}")
 
 
-def triton_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-    """Why the Triton kernel cannot run these (already validated) inputs; empty when it can."""
-    reasons = []
-    if q.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
-    d = q.shape[-1]
-    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-        reasons.append(f"head_dim {d} is outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
-    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
-        reasons.append(f"batch * heads = {q.shape[0] * q.shape[1]} exceeds {MAX_GRID_Y} (one grid axis)")
-    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
-        reasons.append("the Triton attention kernel needs compute capability >= 8.0 (Ampere or newer)")
-    return reasons + grad_reasons(q, k, v)
-
-
-def _auto_reasons(q: torch.Tensor) -> list[str]:
-    if q.dtype == torch.float32:
-        return ["float32 attention goes to SDPA under auto (the Triton kernel is tuned for fp16 / bf16)"]
-    return []
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
               backend: str = "auto") -> torch.Tensor:
     """Attention without mask or dropout, non-causal (inference).
@@ -113,9 +88,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     1280): Triton then proves 16-byte alignment and pipelines K / V loads asynchronously.
     """
     _validate(q, k, v, scale)
-    which = choose("attention", backend, q.device, {"triton": lambda: triton_reasons(q, k, v)},
-                   lambda: _auto_reasons(q))
-    if which == "torch":
+    if choose("attention", backend, q.device, q, k, v).backend == "torch":
         return attention_reference(q, k, v, scale)
     # The kernel needs unit stride along D (any other strides are passed through).
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

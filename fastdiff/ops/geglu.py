@@ -3,7 +3,7 @@
     h, gate = x.chunk(2, dim=-1)          x: (..., 2F), the feed-forward projection's output
     y = h * gelu(gate)                    y: (..., F); gelu exact (erf) or approximate="tanh"
 
-Backends (see :mod:`fastdiff.ops.model_dispatch`): ``"torch"`` is exactly diffusers' ``GEGLU`` after its
+Backends (see :mod:`fastdiff.ops.registry`): ``"torch"`` is exactly diffusers' ``GEGLU`` after its
 projection (``chunk`` + ``F.gelu`` + multiply); ``"triton"`` the one-pass kernel of
 :mod:`fastdiff.kernels.triton.geglu`, registered as the custom op ``fastdiff::geglu`` (with a fake
 implementation) for ``torch.compile`` and CUDA graphs.
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.errors import InvalidInput
-from fastdiff.ops.model_dispatch import choose, grad_reasons, tracing
+from fastdiff.ops.registry import TABLE, choose, tracing
 
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON = TABLE["geglu", "triton"]
 APPROXIMATIONS = ("none", "tanh")
 
 
@@ -32,10 +32,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _geglu_impl(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    from fastdiff.kernels.triton.geglu import launch
-
     y = x.new_empty(x.shape[:-1] + (x.shape[-1] // 2,))
-    launch(_rows(x), y.view(-1, y.shape[-1]), approximate)
+    _TRITON.launch_fn()(_rows(x), y.view(-1, y.shape[-1]), approximate)
     return y
 
 
@@ -70,13 +68,6 @@ def _validate(x: torch.Tensor, approximate: str) -> None:
         raise InvalidInput(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
 
 
-def triton_reasons(x: torch.Tensor) -> list[str]:
-    reasons = []
-    if x.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
-    return reasons + grad_reasons(x)
-
-
 def geglu(x: torch.Tensor, approximate: str = "none", backend: str = "auto") -> torch.Tensor:
     """y = x[..., :F] * gelu(x[..., F:]) for x (..., 2F); returns (..., F) in x's dtype (contiguous).
 
@@ -86,7 +77,6 @@ def geglu(x: torch.Tensor, approximate: str = "none", backend: str = "auto") -> 
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
     """
     _validate(x, approximate)
-    which = choose("geglu", backend, x.device, {"triton": lambda: triton_reasons(x)})
-    if which == "torch":
+    if choose("geglu", backend, x.device, x).backend == "torch":
         return geglu_reference(x, approximate)
     return (_geglu_op if tracing(x) else _geglu_impl)(x, approximate)

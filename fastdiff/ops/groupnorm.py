@@ -4,7 +4,7 @@
     y = GroupNorm(z; num_groups, weight, bias, eps)     (statistics per sample and group, biased variance)
     y = y * sigmoid(y)                                  (when ``silu``)
 
-Backends (see :mod:`fastdiff.ops.model_dispatch`): ``"torch"`` is ``F.group_norm`` (+ ``F.silu``), exactly what
+Backends (see :mod:`fastdiff.ops.registry`): ``"torch"`` is ``F.group_norm`` (+ ``F.silu``), exactly what
 diffusers runs; ``"triton"`` the two-pass kernel of :mod:`fastdiff.kernels.triton.groupnorm`; ``"cuda"`` the CUDA
 C++ kernel of csrc/cuda/groupnorm.cu (same two-launch plan, 16-byte vectors); ``"cpp"`` the C++ / OpenMP kernel of
 csrc/cpu/groupnorm.cpp for CPU tensors. All run through the custom op ``fastdiff::group_norm`` (with a fake
@@ -18,7 +18,6 @@ statistics in another order), while ``auto`` on CPU keeps an optimized model bit
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -26,15 +25,11 @@ import torch.nn.functional as F
 
 from fastdiff import _ext
 from fastdiff.errors import InvalidInput
-from fastdiff.ops.model_dispatch import choose, grad_reasons, tracing
+from fastdiff.ops.registry import TABLE, choose, tracing
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # every kernel's storage dtypes
-MAX_CHANNELS_PER_GROUP = 1024  # Triton and CUDA: a group's channels in one block (not imported: it imports triton)
 # The cpp / cuda availability checks must not import anything inside a torch.compile trace (dynamo refuses
 # importlib): load the compiled modules (a few ms, never raises) before any trace can ask.
 _ext.load_all()
-_LAUNCHERS = {"triton": "fastdiff.kernels.triton.groupnorm", "cuda": "fastdiff.kernels.cuda_groupnorm",
-              "cpp": "fastdiff.kernels.cpu_groupnorm"}
 
 
 def _as_ncl(t: torch.Tensor) -> torch.Tensor:
@@ -53,7 +48,7 @@ def _flattenable(t: torch.Tensor) -> bool:
 def _group_norm_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                      add: torch.Tensor | None, num_groups: int, eps: float, silu: bool,
                      backend: str = "triton") -> torch.Tensor:
-    launch = importlib.import_module(_LAUNCHERS[backend]).launch
+    launch = TABLE["group_norm", backend].launch_fn()
     if backend != "triton":  # the compiled kernels read weight and bias contiguous, in one dtype
         if weight is not None and bias is not None and weight.dtype != bias.dtype:
             weight, bias = weight.float(), bias.float()
@@ -107,25 +102,6 @@ def _validate(x, num_groups, weight, bias, eps, add) -> None:
                            f"{add.dtype} {tuple(add.shape)} on {add.device}")
 
 
-def kernel_reasons(x: torch.Tensor, num_groups: int, weight, bias, add, max_channels_per_group: int | None = None,
-                   ) -> list[str]:
-    """Why a GroupNorm kernel cannot run these (already validated) inputs; empty when it can."""
-    reasons = []
-    if x.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {x.dtype} is not supported (float16, bfloat16, float32)")
-    for name, t in (("weight", weight), ("bias", bias), ("add", add)):
-        if t is not None and t.dtype not in KERNEL_DTYPES:
-            reasons.append(f"{name} dtype {t.dtype} is not supported (float16, bfloat16, float32)")
-    cpg = x.shape[1] // num_groups
-    if max_channels_per_group is not None and cpg > max_channels_per_group:
-        reasons.append(f"{cpg} channels per group exceed {max_channels_per_group}")
-    return reasons + grad_reasons(x, weight, bias, add)
-
-
-def triton_reasons(x: torch.Tensor, num_groups: int, weight, bias, add) -> list[str]:
-    return kernel_reasons(x, num_groups, weight, bias, add, MAX_CHANNELS_PER_GROUP)
-
-
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                eps: float = 1e-5, silu: bool = False, add: torch.Tensor | None = None,
                backend: str = "auto") -> torch.Tensor:
@@ -144,12 +120,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     Returns y with x's shape, dtype and memory format.
     """
     _validate(x, num_groups, weight, bias, eps, add)
-    args = (x, num_groups, weight, bias, add)
-    which = choose("group_norm", backend, x.device, {
-        "triton": lambda: triton_reasons(*args),
-        "cuda": lambda: kernel_reasons(*args, MAX_CHANNELS_PER_GROUP),
-        "cpp": lambda: kernel_reasons(*args),
-    })
+    which = choose("group_norm", backend, x.device, x, num_groups, weight, bias, add).backend
     if which == "torch":
         return group_norm_reference(x, num_groups, weight, bias, eps, silu, add)
     if not _flattenable(x):

@@ -1,8 +1,13 @@
-"""Triton kernels and their launchers (GUIDE section 2).
+"""Triton kernels and their launchers.
 
 Nothing is imported here on purpose: ``import fastdiff`` must not import triton (slow, and absent on some
-machines). The dispatch layer imports ``fastdiff.kernels.triton.step`` only when the ``triton`` backend runs.
+machines). The op registry (:mod:`fastdiff.ops.registry`) imports a module below only when a call runs on the
+``triton`` backend.
 
-- :mod:`fastdiff.kernels.triton.step` -- the generic fused sampler step (``launch`` has the signature of
-  :func:`fastdiff.ops.reference.step_reference`).
+- :mod:`~fastdiff.kernels.triton.step` -- the generic fused sampler step (``launch`` has the signature of
+  :func:`fastdiff.ops.step.step_reference`).
+- :mod:`~fastdiff.kernels.triton.attention`, :mod:`~fastdiff.kernels.triton.groupnorm`,
+  :mod:`~fastdiff.kernels.triton.geglu` -- the model ops.
+- :mod:`~fastdiff.kernels.triton.twin` -- kernels that follow TRITON_INTERPRET at launch, and the offline compile
+  used by the GPU-less compile tests.
 """

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels.triton._twin import interpreting, twin
+from fastdiff.kernels.triton.twin import interpreting, twin
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2E = 1.4426950408889634
@@ -43,7 +43,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # No calls to jit functions in here (see _twin.py): reductions go through tl.reduce with the standard combines.
+    # No calls to jit functions in here (see twin.py): reductions go through tl.reduce with the standard combines.
     # The last dim of q / k / v / out has stride 1 (the launcher guarantees it).
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)

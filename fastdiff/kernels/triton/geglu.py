@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels.triton._twin import interpreting, twin
+from fastdiff.kernels.triton.twin import interpreting, twin
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -26,7 +26,7 @@ def _geglu_kernel(
     x_ptr, y_ptr, M, F, stride_xm, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, TANH: tl.constexpr,
 ):
-    # No calls to jit functions in here (see _twin.py). The last dim of x and y has stride 1.
+    # No calls to jit functions in here (see twin.py). The last dim of x and y has stride 1.
     pid_m = tl.program_id(0)
     pid_f = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)

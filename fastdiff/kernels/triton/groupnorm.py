@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels.triton._twin import interpreting, twin
+from fastdiff.kernels.triton.twin import interpreting, twin
 
 MAX_CHANNELS_PER_GROUP = 1024  # a channels-last block holds every channel of a group
 MAX_BLOCK_C_CONTIGUOUS = 16  # NCHW: channel rows per tile (the rest of the tile runs along L)
@@ -51,7 +51,7 @@ def _gn_stats_kernel(
     L, groups, split, chunk,
     CPG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, HAS_ADD: tl.constexpr,
 ):
-    # No calls to jit functions in here (see _twin.py): sums go through tl.reduce(..., tl.standard._sum_combine).
+    # No calls to jit functions in here (see twin.py): sums go through tl.reduce(..., tl.standard._sum_combine).
     ng = tl.program_id(0)
     s = tl.program_id(1)
     cb = tl.program_id(2)

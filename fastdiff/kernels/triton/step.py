@@ -1,6 +1,6 @@
 """The generic fused sampler step as one Triton kernel (the ``triton`` backend of :func:`fastdiff.ops.fused_step`).
 
-Math and semantics are those of :func:`fastdiff.ops.reference.step_reference` (see :mod:`fastdiff.schedulers.plan`):
+Math and semantics are those of :func:`fastdiff.ops.step.step_reference` (see :mod:`fastdiff.schedulers.plan`):
 CFG, per-sample guidance rescale, x0 prediction, clip / dynamic-threshold clamp, the linear update of ``out`` and
 ``saved``, the history-ring write, ``next_in`` (into every CFG half) and the non-finite flag, in one pass. The
 coefficient row is read by the kernel from device memory (the host never looks at it, so a step whose row is
@@ -23,13 +23,11 @@ bandwidth, is what the benchmark will see; bandwidth matters for video latents a
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
+from fastdiff.kernels.triton.twin import interpreting, twin
 from fastdiff.schedulers.plan import HIST_SLOTS, Col
 
 # Column indices as compile-time constants (Triton only lets a kernel read globals that are constexpr).
@@ -52,12 +50,11 @@ _STEP = tl.constexpr(int(Col.STEP))
 _HIST_SLOTS = tl.constexpr(HIST_SLOTS)
 
 CLAMP_NONE, CLAMP_CLIP, CLAMP_THRESHOLD = 0, 1, 2
+
+
 # flag_len is only a bound check: specializing on it (== 1, % 16) would just compile more variants.
-_JIT_OPTIONS = dict(do_not_specialize=["flag_len"])
-
-
-@triton.jit(**_JIT_OPTIONS)
-def _fused_step_kernel(  # no calls to jit functions in here: see _kernel()
+@twin(do_not_specialize=["flag_len"])
+def _fused_step_kernel(  # no calls to jit functions in here: see twin.py
     model_out_ptr, x_ptr, coef_ptr, out_ptr, hist_ptr, saved_ptr, noise_ptr, next_ptr, m_scale_ptr, x0_limit_ptr,
     flag_ptr, guidance_scale, clip_range, numel, per_sample, flag_len,
     CFG: tl.constexpr, HAS_HIST: tl.constexpr, HAS_SAVED: tl.constexpr, HAS_NOISE: tl.constexpr,
@@ -163,44 +160,6 @@ def _fused_step_kernel(  # no calls to jit functions in here: see _kernel()
             tl.store(flag_ptr + tl.full([BLOCK], step, tl.int32), tl.full([BLOCK], 1, tl.int32), mask=bad)
 
 
-def _interpreting() -> bool:
-    """Whether Triton should interpret now. Triton reads TRITON_INTERPRET when ``@triton.jit`` runs (module import)."""
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # triton < 3.4 has no knobs
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-_twins: dict[bool, object] = {}
-
-
-def _kernel():
-    """The kernel object for the current TRITON_INTERPRET setting.
-
-    ``@triton.jit`` decides compiled-vs-interpreted once, at import; the dispatcher decides per call. So when the
-    mode at launch differs from the mode at import (e.g. one pytest process running interpreter tests and GPU tests),
-    wrap the same Python function the other way. This is valid because the kernel calls no jit function, not even
-    triton.language's own jit-defined helpers (``tl.zeros``, ``tl.sum``, ``tl.cdiv``, ...): those keep the mode
-    triton was imported in. Keep it so when editing the kernel (only builtins such as ``tl.full``, ``tl.where``).
-    """
-    interpret = _interpreting()
-    if isinstance(_fused_step_kernel, JITFunction) != interpret:
-        return _fused_step_kernel
-    twin = _twins.get(interpret)
-    if twin is None:
-        fn = _fused_step_kernel.fn
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction  # imported only when interpreting
-
-            twin = InterpretedFunction(fn, **_JIT_OPTIONS)
-        else:
-            twin = JITFunction(fn, **_JIT_OPTIONS)
-        _twins[interpret] = twin
-    return twin
-
-
 def _config(numel: int, interpret: bool) -> tuple[int, int]:
     """(BLOCK, num_warps). A starting heuristic for a bandwidth-bound elementwise op (8-16 elements per thread,
     so fp16 moves in 16-byte vectors); to be tuned on the H100 (benches/NOTES.md)."""
@@ -214,37 +173,11 @@ def _config(numel: int, interpret: bool) -> tuple[int, int]:
     return 4096, 8
 
 
-def _compile_offline(arch: int, dtype: torch.dtype, num_warps: int = 4, **meta):
-    """Compile one variant for NVIDIA sm_<arch> without a GPU (Triton ships its LLVM and ptxas): a compile check
-    for CPU-only CI, and PTX / register counts to read before benchmarking. ``meta``: the kernel's constexprs.
-    Pointers and the two sizes get the 16-divisibility hints a real launch with aligned, %16 tensors gets."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    st = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    fn = JITFunction(_fused_step_kernel.fn, **_JIT_OPTIONS)  # the compiled flavour, whatever TRITON_INTERPRET says
-    f32_ptrs = ("coef_ptr", "m_scale_ptr", "x0_limit_ptr")
-    scalars = {"guidance_scale": "fp32", "clip_range": "fp32", "numel": "i32", "per_sample": "i32", "flag_len": "i32"}
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in meta:
-            signature[name], constexprs[(i,)] = "constexpr", meta[name]
-        elif name in scalars:
-            signature[name] = scalars[name]
-        else:
-            signature[name] = "*i32" if name == "flag_ptr" else "*fp32" if name in f32_ptrs else f"*{st}"
-        if name.endswith("_ptr") or name in ("numel", "per_sample"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "enable_fp_fusion": True})
-
-
 def _launch(model_out, x, coef, out, guidance_scale, cfg, hist, saved, noise, next_in, m_scale, clip_range, x0_limit,
             flag, force_wide: bool = False) -> None:
     numel = x.numel()
     per_sample = numel // x.shape[0]
-    interpret = _interpreting()
+    interpret = interpreting()
     block, num_warps = _config(numel, interpret)
     clamp = CLAMP_CLIP if clip_range is not None else CLAMP_THRESHOLD if x0_limit is not None else CLAMP_NONE
     # The largest offset is (HIST_SLOTS - 1) * numel + numel (hist), or 2 * numel (CFG model_out / next_in).
@@ -267,7 +200,7 @@ def _launch(model_out, x, coef, out, guidance_scale, cfg, hist, saved, noise, ne
     )
     # FMA contraction on, explicitly: Triton 3.9 warns when it is left to the default, which 3.10 flips to off.
     options = dict(num_warps=num_warps, enable_fp_fusion=True)
-    kernel = _kernel()
+    kernel = _fused_step_kernel.kernel()  # the flavour TRITON_INTERPRET asks for now
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         # Triton launches on the current device and its current stream: make that x's device.
         with torch.cuda.device(x.device):
@@ -292,7 +225,7 @@ def launch(
     x0_limit: torch.Tensor | None = None,
     flag: torch.Tensor | None = None,
 ) -> None:
-    """Run one fused step; same arguments, shapes and effects as :func:`fastdiff.ops.reference.step_reference`.
+    """Run one fused step; same arguments, shapes and effects as :func:`fastdiff.ops.step.step_reference`.
 
     Tensors must be contiguous, on one device, and already validated (:func:`fastdiff.ops.fused_step` does both).
     ``coef`` is a (NCOEF,) float32 row in device memory; it is never read on the host. Differences from the

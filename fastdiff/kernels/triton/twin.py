@@ -2,8 +2,7 @@
 
 ``@triton.jit`` decides compiled-vs-interpreted once, when the decorator runs (module import), but one pytest
 process may run interpreter tests (``TRITON_INTERPRET=1`` set per test) and compiled GPU tests. :class:`Twin`
-wraps the plain Python function and builds the right flavour at launch (the approach of
-:mod:`fastdiff.kernels.triton.step`).
+wraps the plain Python function and builds the right flavour at launch. Every kernel in this package is a twin.
 
 The rule that makes this valid: a twin kernel calls no ``@triton.jit`` function -- neither our own helpers nor
 triton.language's jit-defined ones (``tl.sum``, ``tl.max``, ``tl.zeros``, ``tl.sigmoid``, ``tl.cdiv``): those keep

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff import _ext
-from fastdiff.kernels._common import group_norm_args
+from fastdiff.kernels.compiled_args import group_norm_args
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, add: torch.Tensor | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff import _ext
-from fastdiff.kernels._common import step_args
+from fastdiff.kernels.compiled_args import step_args
 
 # One thread streams ~25 GB/s here (SDXL x4 fp32, DPM++ 2M with CFG: 0.36 ms for 9.4 MB on 1 thread). With 2
 # OpenMP threads on a 2-core machine where another process holds a core, the same step took 8 ms (threads wait for
@@ -35,7 +35,7 @@ def launch(
     flag: torch.Tensor | None = None,
 ) -> None:
     """One fused step on contiguous CPU tensors; same arguments and math as
-    :func:`fastdiff.ops.reference.step_reference`. Uses up to ``torch.get_num_threads()`` OpenMP threads, one
+    :func:`fastdiff.ops.step.step_reference`. Uses up to ``torch.get_num_threads()`` OpenMP threads, one
     per ``GRAIN`` elements (see :func:`threads_for`)."""
     mod = _ext.require_cpu()
     args = step_args(model_out, x, coef, out, guidance_scale, cfg, hist, saved, noise, next_in, m_scale, clip_range,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff import _ext
-from fastdiff.kernels._common import step_args
+from fastdiff.kernels.compiled_args import step_args
 
 
 def launch(
@@ -25,7 +25,7 @@ def launch(
     flag: torch.Tensor | None = None,
 ) -> None:
     """Enqueue one fused step on the current stream of ``x.device``; same arguments and math as
-    :func:`fastdiff.ops.reference.step_reference`. The coefficient row stays on the device (no host sync), so the
+    :func:`fastdiff.ops.step.step_reference`. The coefficient row stays on the device (no host sync), so the
     call can be captured in a CUDA graph. CUDA failures raise ``fastdiff._C_cuda.CudaError`` (a RuntimeError)."""
     mod = _ext.require_cuda()
     args = step_args(model_out, x, coef, out, guidance_scale, cfg, hist, saved, noise, next_in, m_scale, clip_range,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff import _ext
-from fastdiff.kernels._common import group_norm_args
+from fastdiff.kernels.compiled_args import group_norm_args
 
 # Elements per OpenMP thread: one thread per GRAIN elements, up to torch's thread count. 16 K: at the digits model's
 # 20x64x8x8 (82 K elements) two threads took 140 us against 232 us for one (1 << 16 kept it on one thread); a
