@@ -10,8 +10,8 @@ import torch
 
 from fastdiff.errors import BackendUnavailable, InvalidInput
 from fastdiff.export import tensorrt as ftrt
-from fastdiff.export.graph import TensorSpec
 from fastdiff.export.profiles import DimRange
+from fastdiff.export.signature import TensorSpec
 
 GPU = {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0"}
 OTHER_GPU = {"name": "NVIDIA A100-SXM4-80GB", "capability": "8.0"}

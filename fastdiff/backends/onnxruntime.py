@@ -27,8 +27,8 @@ import torch
 
 from fastdiff.backends.base import ModelRunner
 from fastdiff.errors import BackendUnavailable, InvalidInput, ModelNotFound
-from fastdiff.export.graph import TensorSpec
 from fastdiff.export.profiles import DimRange
+from fastdiff.export.signature import TensorSpec
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(double)": "float64"}

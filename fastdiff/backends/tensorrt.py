@@ -207,9 +207,9 @@ class TensorRTRunner(ModelRunner):
 def engine_parity(engine_path: Path, onnx_path: Path, profile, tol: float | None = None) -> list:
     """TensorRT against onnxruntime (same ONNX, CPU) on random inputs at the profile's opt point."""
     from fastdiff.backends.onnxruntime import make_session, read_graph_info
-    from fastdiff.export.graph import example_sizes, random_inputs
     from fastdiff.export.onnx import PARITY_TOL
     from fastdiff.export.report import ParityResult
+    from fastdiff.export.signature import example_sizes, random_inputs
 
     tol = PARITY_TOL[profile.precision] if tol is None else tol
     sess = make_session(onnx_path, torch.device("cpu"))

@@ -22,7 +22,9 @@ import torch
 
 from fastdiff.errors import ExportError, InvalidInput
 from fastdiff.export._files import publish, staging_dir
-from fastdiff.export.graph import (
+from fastdiff.export.profiles import DimRange, ExportProfile
+from fastdiff.export.report import ExportReport, ParityResult, Phases
+from fastdiff.export.signature import (
     PRECISION_DTYPES,
     TensorSpec,
     UNetGraph,
@@ -31,8 +33,6 @@ from fastdiff.export.graph import (
     random_inputs,
     unet_signature,
 )
-from fastdiff.export.profiles import DimRange, ExportProfile
-from fastdiff.export.report import ExportReport, ParityResult, Phases
 from fastdiff.export.source import ModelSource
 
 #: max |onnxruntime - torch| / max |torch| allowed by the parity check, per export precision.
@@ -343,7 +343,7 @@ def model_copy(module: torch.nn.Module, precision: str) -> torch.nn.Module:
 
 
 def unet_graph(source: ModelSource, profile: ExportProfile) -> GraphExport:
-    """A :class:`GraphExport` of one UNet call (see :func:`fastdiff.export.graph.unet_signature`)."""
+    """A :class:`GraphExport` of one UNet call (see :func:`fastdiff.export.signature.unet_signature`)."""
     precision = profile.precision
     inputs, outputs = unet_signature(source.facts, precision)
     names = [s.name for s in inputs]

@@ -31,8 +31,8 @@ from typing import Any
 from fastdiff._atomic import atomic_write_bytes
 from fastdiff.errors import BackendUnavailable, ExportError, InvalidInput
 from fastdiff.export._files import cache_root, onnx_digest
-from fastdiff.export.graph import TensorSpec
 from fastdiff.export.profiles import DimRange
+from fastdiff.export.signature import TensorSpec
 
 log = logging.getLogger("fastdiff")
 

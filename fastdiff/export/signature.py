@@ -1,4 +1,5 @@
-"""Graph signatures: named inputs / outputs with symbolic dimensions, and the UNet wrapper that is exported.
+"""ONNX graph signatures (not CUDA graphs: those are fastdiff/graphs.py): named inputs / outputs with symbolic
+dimensions, and the UNet wrapper that is exported.
 
 A :class:`TensorSpec` names each axis either with a size (static) or with a profile dimension (``"batch"``,
 ``"height"``, ``"width"``, ``"tokens"``); the same specs drive ``torch.export``'s dynamic shapes, the ONNX input
