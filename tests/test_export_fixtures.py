@@ -116,8 +116,8 @@ def tiny_graph(reference=None, **kw):
     import json
 
     from fastdiff.export.onnx import GraphExport
-    from fastdiff.export.profiles import DimRange, ExportProfile
-    from fastdiff.export.signature import TensorSpec
+    from fastdiff.export.profiles import ExportProfile
+    from fastdiff.exported.specs import DimRange, TensorSpec
 
     module = TinyConv().eval()
     inputs = [TensorSpec("sample", "float32", ("batch", 1, "height", "width")),
