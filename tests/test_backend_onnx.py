@@ -15,7 +15,8 @@ from fastdiff.export import export_onnx
 from tests.test_export_fixtures import digits_model, rel_err, sdxl_like_unet, tiny_label_model
 
 ort = pytest.importorskip("onnxruntime")
-from fastdiff.backends.onnxruntime import OnnxRunner, OnnxSampler, onnxruntime_reasons  # noqa: E402
+from fastdiff.backends.onnxruntime import OnnxRunner, OnnxSampler  # noqa: E402
+from fastdiff.exported.session import onnxruntime_reasons  # noqa: E402
 
 STEPS, G = 4, 3.0
 
@@ -53,11 +54,11 @@ def test_sampler_onnxruntime_matches_torch(model, ort_sampler):
 
 
 def test_on_the_fly_export_is_cached(model, ort_sampler, cache, monkeypatch):
-    import fastdiff.export.api as api
+    import fastdiff.export.cache as export_cache
 
     files = list(cache.rglob("model.onnx"))
     assert len(files) == 1
-    monkeypatch.setattr(api, "export_onnx", lambda *a, **k: pytest.fail("exported again instead of the cache"))
+    monkeypatch.setattr(export_cache, "export_onnx", lambda *a, **k: pytest.fail("exported again instead of the cache"))
     again = fastdiff.Sampler(model, scheduler="dpmpp_2m", backend="onnxruntime")
     assert again.runner.path == files[0]
 

@@ -115,9 +115,9 @@ def tiny_graph(reference=None, **kw):
     (batch 1..4, height / width 4..16)."""
     import json
 
-    from fastdiff.export.graph import TensorSpec
     from fastdiff.export.onnx import GraphExport
-    from fastdiff.export.profiles import DimRange, ExportProfile
+    from fastdiff.export.profiles import ExportProfile
+    from fastdiff.exported.specs import DimRange, TensorSpec
 
     module = TinyConv().eval()
     inputs = [TensorSpec("sample", "float32", ("batch", 1, "height", "width")),

@@ -83,7 +83,7 @@ def test_digits_teacher_runs_at_other_shapes(digits_export):
 
 
 def test_label_table_in_metadata(digits_export):
-    from fastdiff.backends.onnxruntime import LabelTable
+    from fastdiff.exported.metadata import LabelTable
 
     model, out, _ = digits_export
     table = LabelTable(json.loads(_meta(out / "model.onnx")["fastdiff.labels"]), torch.device("cpu"), torch.float32)

@@ -8,7 +8,6 @@ from fastdiff.errors import InvalidInput
 from fastdiff.export.api import resolve_profile
 from fastdiff.export.profiles import (
     DIM_NAMES,
-    DimRange,
     ExportProfile,
     auto_profile,
     available_profiles,
@@ -17,6 +16,7 @@ from fastdiff.export.profiles import (
     parse_dim,
     parse_sampler_spec,
 )
+from fastdiff.exported.specs import DimRange
 
 SHIPPED = ("digits", "sd15", "sdxl", "sd-turbo")
 DIGITS_FACTS = {"family": "digits", "in_channels": 1, "out_channels": 1, "sample_size": 16, "cross_attention_dim": 32,
@@ -160,7 +160,7 @@ def test_cli_errors_before_any_export(capsys, tmp_path, tiny_folder):
 def test_cli_tensorrt_unavailable_fails_before_export(capsys, tmp_path, tiny_folder):
     from fastdiff.errors import BackendUnavailable
     from fastdiff.export.__main__ import main
-    from fastdiff.export.tensorrt import import_trt
+    from fastdiff.exported.engine import import_trt
 
     try:
         import_trt()

@@ -10,56 +10,56 @@ import torch
 
 from fastdiff.errors import BackendUnavailable, InvalidInput
 from fastdiff.export import tensorrt as ftrt
-from fastdiff.export.graph import TensorSpec
-from fastdiff.export.profiles import DimRange
+from fastdiff.exported import engine as eng
+from fastdiff.exported.specs import DimRange, TensorSpec
 
 GPU = {"name": "NVIDIA H100 80GB HBM3", "capability": "9.0"}
 OTHER_GPU = {"name": "NVIDIA A100-SXM4-80GB", "capability": "8.0"}
 SHAPES = {"sample": [[1, 4, 32, 32], [2, 4, 64, 64], [8, 4, 128, 128]], "timestep": [[1], [2], [8]]}
 
 
-def _meta(**kw) -> ftrt.EngineMeta:
+def _meta(**kw) -> eng.EngineMeta:
     base = dict(trt_version="10.3.0", gpu=GPU, onnx_digest="ab" * 32, precision="fp16", shapes=SHAPES,
                 onnx_path="out/model.onnx")
-    return ftrt.EngineMeta(**{**base, **kw})
+    return eng.EngineMeta(**{**base, **kw})
 
 
 def test_engine_container_round_trip():
     plan = bytes(range(256)) * 10
-    data = ftrt.pack_engine(plan, _meta())
-    meta, got = ftrt.unpack_engine(data)
+    data = eng.pack_engine(plan, _meta())
+    meta, got = eng.unpack_engine(data)
     assert got == plan and meta.trt_version == "10.3.0" and meta.gpu == GPU and meta.plan_size == len(plan)
 
 
 def test_bare_plan_is_passed_through():
-    meta, got = ftrt.unpack_engine(b"\x00" * 100)
+    meta, got = eng.unpack_engine(b"\x00" * 100)
     assert meta is None and got == b"\x00" * 100
-    with pytest.raises(ftrt.EngineCorrupt, match="too short"):
-        ftrt.unpack_engine(b"xyz")
+    with pytest.raises(eng.EngineCorrupt, match="too short"):
+        eng.unpack_engine(b"xyz")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "header", "pad"])
 def test_corrupt_engines_are_detected(damage):
-    data = bytearray(ftrt.pack_engine(b"P" * 1000, _meta()))
+    data = bytearray(eng.pack_engine(b"P" * 1000, _meta()))
     if damage == "truncate":
         data = data[:-10]
     elif damage == "flip":
         data[-5] ^= 0xFF
     elif damage == "header":
-        data[len(ftrt.ENGINE_MAGIC) + 6] = ord("}")
+        data[len(eng.ENGINE_MAGIC) + 6] = ord("}")
     else:
         data += b"\x00"
-    with pytest.raises(ftrt.EngineCorrupt):
-        ftrt.unpack_engine(bytes(data))
+    with pytest.raises(eng.EngineCorrupt):
+        eng.unpack_engine(bytes(data))
 
 
 def test_compatibility_problems_name_versions_and_gpus():
     m = _meta()
-    assert ftrt.compatibility_problems(m, "10.3.0", GPU) == []
-    probs = ftrt.compatibility_problems(m, "10.5.0", OTHER_GPU)
+    assert eng.compatibility_problems(m, "10.3.0", GPU) == []
+    probs = eng.compatibility_problems(m, "10.5.0", OTHER_GPU)
     assert any("TensorRT 10.3.0, this is TensorRT 10.5.0" in p for p in probs)
     assert any("H100" in p and "A100" in p and "9.0" in p and "8.0" in p for p in probs)
-    assert ftrt.compatibility_problems(m, "10.3.0", None) == ["no CUDA GPU is visible"]
+    assert eng.compatibility_problems(m, "10.3.0", None) == ["no CUDA GPU is visible"]
 
 
 def test_cache_key_depends_on_everything():
@@ -132,7 +132,7 @@ def test_engine_cache_hit_and_rebuild_of_corrupt_entry(onnx_file, tmp_path):
     first.path.write_bytes(bytes(data))
     third = ftrt.get_engine(onnx_file, SHAPES, "fp16", **kw)
     assert third.built and build.calls == 2 and "unusable" in third.notes[0] and "damaged" in third.notes[0]
-    ftrt.unpack_engine(third.path.read_bytes())  # valid again
+    eng.unpack_engine(third.path.read_bytes())  # valid again
     # another TensorRT version or ONNX content means another key: a new build, the old entry stays
     ftrt.get_engine(onnx_file, SHAPES, "fp16", **{**kw, "trt_version": "10.4.0"})
     onnx_file.write_bytes(b"changed")
@@ -145,25 +145,25 @@ def test_cached_engine_for_other_gpu_is_rebuilt(onnx_file, tmp_path):
     kw = dict(cache_dir=tmp_path / "cache", trt_version="10.3.0", build=build, progress=False)
     res = ftrt.get_engine(onnx_file, SHAPES, "fp16", gpu=GPU, **kw)
     # simulate an entry copied from another machine under this machine's key
-    _, plan = ftrt.unpack_engine(res.path.read_bytes())
-    res.path.write_bytes(ftrt.pack_engine(plan, _meta(gpu=OTHER_GPU)))
+    _, plan = eng.unpack_engine(res.path.read_bytes())
+    res.path.write_bytes(eng.pack_engine(plan, _meta(gpu=OTHER_GPU)))
     again = ftrt.get_engine(onnx_file, SHAPES, "fp16", gpu=GPU, **kw)
     assert again.built and "A100" in again.notes[0]
 
 
 def test_explicit_engine_files_are_refused_with_rebuild_hint(tmp_path):
     path = tmp_path / "model.engine"
-    path.write_bytes(ftrt.pack_engine(b"P" * 100, _meta()))
-    meta, plan = ftrt.load_engine_file(path, "10.3.0", GPU)
+    path.write_bytes(eng.pack_engine(b"P" * 100, _meta()))
+    meta, plan = eng.load_engine_file(path, "10.3.0", GPU)
     assert plan == b"P" * 100
-    with pytest.raises(ftrt.EngineMismatch, match=r"TensorRT 10.3.0, this is TensorRT 10.4.0.*"
+    with pytest.raises(eng.EngineMismatch, match=r"TensorRT 10.3.0, this is TensorRT 10.4.0.*"
                                                   r"python -m fastdiff.export out/model.onnx --format tensorrt"):
-        ftrt.load_engine_file(path, "10.4.0", GPU)
-    with pytest.raises(ftrt.EngineMismatch, match="A100"):
-        ftrt.load_engine_file(path, "10.3.0", OTHER_GPU)
+        eng.load_engine_file(path, "10.4.0", GPU)
+    with pytest.raises(eng.EngineMismatch, match="A100"):
+        eng.load_engine_file(path, "10.3.0", OTHER_GPU)
     path.write_bytes(path.read_bytes()[:-3])
-    with pytest.raises(ftrt.EngineCorrupt, match="truncated.*Rebuild it"):
-        ftrt.load_engine_file(path, "10.3.0", GPU)
+    with pytest.raises(eng.EngineCorrupt, match="truncated.*Rebuild it"):
+        eng.load_engine_file(path, "10.3.0", GPU)
 
 
 def test_backend_reasons_and_registry_errors(tmp_path):
@@ -215,7 +215,7 @@ def test_export_tensorrt_from_onnx_with_stand_ins(tmp_path, monkeypatch):
                              parity=False, progress=False)
     engine = tmp_path / "out" / "model.engine"
     assert report.files[-1][0] == str(engine) and report.build_time is not None and build.calls == 1
-    meta, plan = ftrt.unpack_engine(engine.read_bytes())
+    meta, plan = eng.unpack_engine(engine.read_bytes())
     assert meta.shapes["sample"] == [[1, 1, 8, 4], [2, 1, 8, 8], [3, 1, 8, 16]]
     assert meta.onnx_path == str(onnx_path) and meta.graph_metadata["fastdiff.kind"] == "unet"
     assert json.loads(meta.graph_metadata["fastdiff.dims"])["batch"] == [1, 2, 3, 1]
@@ -230,7 +230,7 @@ def test_export_tensorrt_from_onnx_with_stand_ins(tmp_path, monkeypatch):
 
 def _require_tensorrt():
     try:
-        ftrt.import_trt()
+        eng.import_trt()
     except BackendUnavailable as e:
         pytest.skip(f"TensorRT not available: {'; '.join(e.reasons)}")
     if not torch.cuda.is_available():
@@ -271,5 +271,5 @@ def test_tensorrt_refuses_damaged_engine(tmp_path):
 
     bad = tmp_path / "bad.plan"
     bad.write_bytes(b"\x01" * 4096)
-    with pytest.raises(ftrt.EngineCorrupt, match="could not deserialize"):
+    with pytest.raises(eng.EngineCorrupt, match="could not deserialize"):
         TensorRTRunner(bad)

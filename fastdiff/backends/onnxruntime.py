@@ -15,168 +15,16 @@ sample labels. :class:`OnnxSampler` runs whole-sampler graphs (``--sampler``) in
 
 from __future__ import annotations
 
-import base64
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from fastdiff.backends.base import ModelRunner
-from fastdiff.errors import BackendUnavailable, InvalidInput, ModelNotFound
-from fastdiff.export.graph import TensorSpec
-from fastdiff.export.profiles import DimRange
-
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-              "tensor(int32)": "int32", "tensor(double)": "float64"}
-
-
-def import_ort():
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise BackendUnavailable("onnxruntime", [f"the onnxruntime package is not importable ({e})"],
-                                 hint="pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)") from e
-    return ort
-
-
-def onnxruntime_reasons(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[str]:
-    """Why the onnxruntime backend cannot run on ``device`` / ``dtype`` (empty: it can)."""
-    try:
-        ort = import_ort()
-    except BackendUnavailable as e:
-        return e.reasons
-    reasons = []
-    dev = torch.device(device or "cpu")
-    providers = ort.get_available_providers()
-    if dev.type == "cuda" and "CUDAExecutionProvider" not in providers:
-        reasons.append(f"device {dev} needs onnxruntime's CUDAExecutionProvider (install onnxruntime-gpu); this "
-                       f"onnxruntime has {', '.join(providers)}")
-    elif dev.type not in ("cpu", "cuda"):
-        reasons.append(f"device type {dev.type!r} is not supported (cpu, cuda)")
-    if dtype is not None and dtype not in (torch.float32, torch.float16):
-        reasons.append(f"dtype {dtype} is not supported (float32, float16)")
-    return reasons
-
-
-def _providers(ort, device: torch.device, providers: list | None) -> list:
-    if providers is not None:
-        return providers
-    if device.type != "cuda":
-        return ["CPUExecutionProvider"]
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    # ORT's kernels go on torch's current stream: ordered with the fused step, no sync between them
-    cuda = {"device_id": index, "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream)}
-    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
-
-
-def make_session(path: str | os.PathLike, device: torch.device, providers: list | None = None,
-                 threads: int | None = None):
-    """An ``InferenceSession`` for ``path`` on ``device`` (CPU EP, or CUDA EP on torch's stream), with all graph
-    optimizations and ``threads`` intra-op threads (default: torch's thread count, so comparisons are fair)."""
-    ort = import_ort()
-    reasons = onnxruntime_reasons(device)
-    if reasons:
-        raise BackendUnavailable("onnxruntime", reasons)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=_providers(ort, device, providers))
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise InvalidInput(f"onnxruntime cannot load {str(path)!r}: {type(e).__name__}: {e}") from e
-
-
-class LabelTable:
-    """``encode_labels`` of a LabelConditionedUNet, rebuilt from the embedding table stored in an exported file's
-    metadata (the sampler uses it when it is given a file instead of the torch model)."""
-
-    def __init__(self, meta: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                 scheduler_config: dict | None = None, name: str = ""):
-        self.num_classes = int(meta["num_classes"])
-        self.null_label = int(meta["null_label"])
-        self.tokens = int(meta["tokens"])
-        self.embed_dim = int(meta["embed_dim"])
-        raw = np.frombuffer(base64.b64decode(meta["data"]), dtype=np.float32).reshape(meta["shape"])
-        self.weight = torch.from_numpy(raw.copy()).to(device)
-        self.dtype = dtype
-        self.scheduler_config = dict(scheduler_config or {})
-        self.name = name
-
-    def encode_labels(self, labels) -> torch.Tensor:
-        """(B,) integer labels (``null_label`` for the unconditional embedding) -> (B, tokens, D) float32."""
-        labels = torch.as_tensor(labels, device=self.weight.device).long().reshape(-1)
-        if labels.numel() and not bool(((labels >= 0) & (labels <= self.null_label)).all()):
-            raise InvalidInput(f"class labels must be integers in [0, {self.num_classes - 1}] (or {self.null_label} "
-                               f"for the null label), got {labels.tolist()}")
-        return self.weight.index_select(0, labels).view(labels.shape[0], self.tokens, self.embed_dim)
-
-
-@dataclass
-class GraphInfo:
-    """The fastdiff metadata of an exported file (or what can be read off a foreign ONNX file's signature)."""
-
-    kind: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    dims: dict[str, DimRange] = field(default_factory=dict)
-    facts: dict[str, Any] = field(default_factory=dict)
-    scheduler: dict = field(default_factory=dict)
-    defaults: dict = field(default_factory=dict)
-    labels: dict | None = None
-    sampler: dict | None = None
-    profile: dict = field(default_factory=dict)
-    model: str = ""
-    latent_scale: int = 1
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], session=None) -> GraphInfo:
-        if "fastdiff.inputs" not in meta:
-            if session is None:
-                raise InvalidInput("the file has no fastdiff metadata and no session to read its signature from")
-            return cls._from_signature(session)
-        j = {k: json.loads(v) for k, v in meta.items() if k.startswith("fastdiff.") and k not in (
-            "fastdiff.format", "fastdiff.kind", "fastdiff.model", "fastdiff.family", "fastdiff.precision")}
-        profile = j.get("fastdiff.profile", {})
-        return cls(kind=meta.get("fastdiff.kind", "unet"),
-                   inputs=[TensorSpec.from_dict(d) for d in j["fastdiff.inputs"]],
-                   outputs=[TensorSpec.from_dict(d) for d in j["fastdiff.outputs"]],
-                   dims={k: DimRange(k, *v) for k, v in j.get("fastdiff.dims", {}).items()},
-                   facts=j.get("fastdiff.model_config", {}), scheduler=j.get("fastdiff.scheduler", {}),
-                   defaults=j.get("fastdiff.defaults", {}), labels=j.get("fastdiff.labels"),
-                   sampler=j.get("fastdiff.sampler"), profile=profile, model=meta.get("fastdiff.model", ""),
-                   latent_scale=int(profile.get("latent_scale", 1)))
-
-    @classmethod
-    def _from_signature(cls, session) -> GraphInfo:
-        def spec(a) -> TensorSpec:
-            dtype = _ORT_TYPES.get(a.type)
-            if dtype is None:
-                raise InvalidInput(f"input {a.name!r} has type {a.type}, which fastdiff does not bind")
-            return TensorSpec(a.name, dtype, tuple(d if isinstance(d, int) else str(d) for d in a.shape))
-
-        inputs = [spec(a) for a in session.get_inputs()]
-        outputs = [spec(a) for a in session.get_outputs()]
-        names = {s.name: s for s in inputs}
-        if "sample" not in names or "timestep" not in names:
-            raise InvalidInput("this ONNX file has no fastdiff metadata and no 'sample' / 'timestep' inputs; export "
-                               "it with python -m fastdiff.export, or name the UNet inputs sample, timestep, "
-                               "encoder_hidden_states")
-        s = names["sample"].dims
-        ehs = names.get("encoder_hidden_states")
-        facts = {"in_channels": s[1] if isinstance(s[1], int) else None,
-                 "out_channels": outputs[0].dims[1] if isinstance(outputs[0].dims[1], int) else None,
-                 "cross_attention_dim": ehs.dims[-1] if ehs is not None and isinstance(ehs.dims[-1], int) else None,
-                 "class_embeddings": "class_labels" in names}
-        return cls(kind="unet", inputs=inputs, outputs=outputs, facts=facts)
-
-
-def read_graph_info(session) -> GraphInfo:
-    return GraphInfo.from_metadata(dict(session.get_modelmeta().custom_metadata_map), session)
+from fastdiff.errors import InvalidInput, ModelNotFound
+from fastdiff.exported.metadata import LabelTable, read_graph_info
+from fastdiff.exported.session import import_ort, make_session
+from fastdiff.exported.specs import DimRange
 
 
 def _relaxed(dims: dict[str, DimRange]) -> dict[str, DimRange]:
@@ -275,7 +123,7 @@ class OnnxRunner(ModelRunner):
                    threads: int | None = None, progress: bool = True) -> OnnxRunner:
         """Export ``unet`` (a diffusers UNet or LabelConditionedUNet) to ONNX into the cache (keyed by its config,
         weights and the export settings; reused when present) and open it."""
-        from fastdiff.backends.registry import cached_onnx_export
+        from fastdiff.export.cache import cached_onnx_export
 
         p = next(unet.parameters())
         dtype = dtype or p.dtype

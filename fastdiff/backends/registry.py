@@ -2,15 +2,13 @@
 ``"tensorrt"`` and for exported files (``.onnx`` -> onnxruntime, ``.engine`` / ``.plan`` -> TensorRT).
 
 A backend asked for by name that cannot run raises :class:`~fastdiff.errors.BackendUnavailable` listing every
-reason (GUIDE section 3). A torch model given with ``backend="onnxruntime"`` / ``"tensorrt"`` is exported on the fly
-into the cache (``$FASTDIFF_CACHE_DIR`` or ``~/.cache/fastdiff``), keyed by its config, weights and the export
-settings, and reused on later calls.
+reason. A torch model given with ``backend="onnxruntime"`` / ``"tensorrt"`` is exported on the fly into the cache
+(``$FASTDIFF_CACHE_DIR`` or ``~/.cache/fastdiff``; see :mod:`fastdiff.export.cache`), keyed by its config, weights
+and the export settings, and reused on later calls.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,19 +16,17 @@ from typing import Any
 import torch
 
 from fastdiff.backends.base import ModelRunner, TorchRunner
-from fastdiff.errors import BackendUnavailable, ExportError, InvalidInput, ModelNotFound, UnknownBackend
+from fastdiff.errors import BackendUnavailable, InvalidInput, ModelNotFound, UnknownBackend
+from fastdiff.exported.session import onnxruntime_reasons
 from fastdiff.models.label_unet import is_label_model
 
 MODEL_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
-#: dimension ranges of on-the-fly exports (wide: onnxruntime serves any size; TensorRT engines use a profile)
-ON_THE_FLY_OPSET = 18
 
 
 def model_backend_reasons(device: torch.device | str | None = None) -> dict[str, list[str]]:
     """Model backend -> reasons it cannot run on ``device`` (empty list: available). Used by ``fastdiff info``."""
-    from fastdiff.backends.onnxruntime import onnxruntime_reasons
     from fastdiff.backends.tensorrt import tensorrt_reasons
 
     return {"onnxruntime": onnxruntime_reasons(device), "tensorrt": tensorrt_reasons(device)}
@@ -80,8 +76,6 @@ def make_runner(model: Any, backend: str = "torch", device: torch.device | str |
 
 def _require(backend: str, device: torch.device, dtype: torch.dtype | None) -> None:
     if backend == "onnxruntime":
-        from fastdiff.backends.onnxruntime import onnxruntime_reasons
-
         reasons = onnxruntime_reasons(device, dtype)
     else:
         from fastdiff.backends.tensorrt import tensorrt_reasons
@@ -116,70 +110,3 @@ def _runner_for_path(path: Path, backend: str, device, dtype, options: dict) -> 
         return TensorRTRunner(path, device=dev, **options)
     raise InvalidInput(f"cannot tell the format of {path.name!r}: expected "
                        f"{', '.join(ONNX_SUFFIXES + ENGINE_SUFFIXES)}")
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 over the module's state dict (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def on_the_fly_profile(facts: dict[str, Any]):
-    """Wide ranges for on-the-fly exports: batch 1..1024, sizes from the down-sampling factor to 16x the trained
-    size (onnxruntime serves any size; these bounds only guide the tracer), tokens 1..1024 (opt 77)."""
-    from fastdiff.export.profiles import DimRange, ExportProfile
-
-    s = int(facts.get("sample_size") or 64)
-    d = int(facts.get("down_factor", 1))
-    hi = max(16 * s, 256) // d * d
-    opt = max(d, s // d * d)
-    dims = {"batch": DimRange("batch", 1, 2, 1024), "height": DimRange("height", d, opt, hi, d),
-            "width": DimRange("width", d, opt, hi, d)}
-    if facts.get("cross_attention_dim"):
-        t = facts.get("tokens")
-        dims["tokens"] = DimRange("tokens", t, t, t) if t else DimRange("tokens", 1, 77, 1024)
-    return ExportProfile(name="on-the-fly", family=facts.get("family", "custom"), dims=dims,
-                         opset=ON_THE_FLY_OPSET, source="(on-the-fly export)")
-
-
-def cached_onnx_export(unet: torch.nn.Module, dtype: torch.dtype, cache_dir: str | os.PathLike | None = None,
-                       progress: bool = True) -> Path:
-    """Export ``unet`` to ONNX once per (config, weights, dtype, versions) into the cache; return the path."""
-    import fastdiff
-    from fastdiff.export._files import cache_root
-    from fastdiff.export.api import export_onnx
-    from fastdiff.export.source import ModelSource, unet_facts
-
-    if dtype not in (torch.float32, torch.float16):
-        raise BackendUnavailable("onnxruntime", [f"dtype {dtype} is not supported (float32, float16)"])
-    precision = "fp16" if dtype == torch.float16 else "fp32"
-    facts = unet_facts(unet)
-    profile = on_the_fly_profile(facts)
-    key_src = json.dumps({"class": type(unet).__name__, "config": {k: str(v) for k, v in dict(unet.config).items()},
-                          "weights": weights_digest(unet), "precision": precision, "profile": profile.to_json(),
-                          "fastdiff": fastdiff.__version__, "torch": torch.__version__}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
-    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "onnx"
-    path = folder / key / "model.onnx"
-    if path.is_file():
-        return path
-    cpu = unet if next(unet.parameters()).device.type == "cpu" else None
-    if cpu is None:
-        import copy
-
-        cpu = copy.deepcopy(unet).to("cpu")
-    source = ModelSource(name=getattr(unet, "name", type(unet).__name__), unet=cpu.eval(), facts=facts,
-                         origin="torch module (on-the-fly export)")
-    try:
-        export_onnx(source, path.parent, profile=profile, precision=precision, progress=progress)
-    except ExportError as e:
-        fixes = getattr(e, "suggested_dims", None)
-        if not fixes:
-            raise
-        # the wide on-the-fly ranges are arbitrary: take torch.export's narrower suggestion and try once more
-        export_onnx(source, path.parent, profile=profile.narrowed(**fixes), precision=precision, progress=progress)
-    return path

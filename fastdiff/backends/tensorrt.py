@@ -4,10 +4,12 @@
     runner = TensorRTRunner.from_onnx("out/model.onnx")    # engine from the cache, or built and cached
     fastdiff.sample(model, backend="tensorrt")             # a torch model: ONNX + engine built on the fly, cached
 
-Inputs are checked against the engine's optimization profile before the call (a size outside it raises
-:class:`~fastdiff.errors.InvalidInput` naming the dimension and the range); tensors are bound by address
-(``set_tensor_address``) and the engine is enqueued with ``execute_async_v3`` on torch's stream: no copies, no
-host sync. Written against the TensorRT 10 Python API; see docs/export.md for what was verified where.
+The engine itself is loaded and run by :class:`fastdiff.exported.session.EngineSession`: inputs are checked against
+the engine's optimization profile before the call (a size outside it raises :class:`~fastdiff.errors.InvalidInput`
+naming the dimension and the range); tensors are bound by address (``set_tensor_address``) and the engine is
+enqueued with ``execute_async_v3`` on torch's stream: no copies, no host sync. This runner maps the sampler's model
+call onto the engine's inputs and rebuilds the label table from the header. Written against the TensorRT 10 Python
+API; see docs/export.md for what was verified where.
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ import torch
 
 from fastdiff.backends.base import ModelRunner
 from fastdiff.errors import BackendUnavailable, InvalidInput
-from fastdiff.export import tensorrt as ftrt
+from fastdiff.exported.engine import import_trt
+from fastdiff.exported.metadata import LabelTable
+from fastdiff.exported.session import EngineSession
 
 
 def tensorrt_reasons(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[str]:
     """Why the tensorrt backend cannot run on ``device`` / ``dtype`` (empty: it can)."""
     reasons = []
     try:
-        ftrt.import_trt()
+        import_trt()
     except BackendUnavailable as e:
         reasons += e.reasons
     dev = torch.device(device) if device is not None else torch.device("cuda")
@@ -39,45 +43,19 @@ def tensorrt_reasons(device: torch.device | str | None = None, dtype: torch.dtyp
     return reasons
 
 
-def _torch_dtype(trt, dt) -> torch.dtype:
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32}
-    if hasattr(trt.DataType, "INT64"):
-        table[trt.DataType.INT64] = torch.int64
-    if hasattr(trt.DataType, "BF16"):
-        table[trt.DataType.BF16] = torch.bfloat16
-    if dt not in table:
-        raise InvalidInput(f"engine tensor type {dt} is not supported by fastdiff's TensorRT runner")
-    return table[dt]
-
-
 class TensorRTRunner(ModelRunner):
     """A :class:`ModelRunner` over a TensorRT engine file (fastdiff container or a bare plan)."""
 
     name = "tensorrt"
 
     def __init__(self, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
-        from fastdiff.backends.onnxruntime import GraphInfo, LabelTable
-
         reasons = tensorrt_reasons(device)
         if reasons:
             raise BackendUnavailable("tensorrt", reasons)
-        trt = ftrt.import_trt()
-        self.trt = trt
-        self.path = Path(path)
-        self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-        meta, plan = ftrt.load_engine_file(self.path, str(trt.__version__), ftrt.gpu_identity(self.device))
-        self.meta = meta
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        with torch.cuda.device(self.device):
-            self.engine = self._runtime.deserialize_cuda_engine(plan)
-            if self.engine is None:
-                raise ftrt.EngineCorrupt(f"TensorRT could not deserialize {self.path} (corrupt, or built with another "
-                                         "TensorRT version / GPU; see TensorRT's log). Rebuild it: python -m "
-                                         "fastdiff.export MODEL.onnx --format tensorrt --out DIR")
-            self.context = self.engine.create_execution_context()
-        self._io()
-        self.info = GraphInfo.from_metadata(meta.graph_metadata) if meta and meta.graph_metadata else None
+        self.session = EngineSession(path, device)
+        self.path, self.device, self.meta = self.session.path, self.session.device, self.session.meta
+        self.inputs, self.outputs = self.session.inputs, self.session.outputs
+        self.info = self.session.info
         self.kind = self.info.kind if self.info else "unet"
         sample = self.inputs.get("sample") or self.inputs.get("noise")
         if sample is None:
@@ -100,70 +78,24 @@ class TensorRTRunner(ModelRunner):
             self.label_model = LabelTable(self.info.labels, self.device, self.dtype, self.info.scheduler,
                                           self.info.model)
 
-    def _io(self) -> None:
-        """Input name -> (dtype, [min, opt, max] shapes of profile 0); output names -> dtype."""
-        trt, eng = self.trt, self.engine
-        self.inputs: dict[str, tuple[torch.dtype, list[tuple[int, ...]]]] = {}
-        self.outputs: dict[str, torch.dtype] = {}
-        for i in range(eng.num_io_tensors):
-            name = eng.get_tensor_name(i)
-            dt = _torch_dtype(trt, eng.get_tensor_dtype(name))
-            if eng.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                shapes = [tuple(s) for s in eng.get_tensor_profile_shape(name, 0)]
-                self.inputs[name] = (dt, shapes)
-            else:
-                self.outputs[name] = dt
-
     @classmethod
     def from_onnx(cls, onnx_path: str | os.PathLike, device=None, profile=None, cache_dir=None,
                   progress: bool = True, **requests) -> TensorRTRunner:
         """The engine of an exported ONNX file (from the cache, or built and cached) for ``profile`` (default: the
         profile stored in the file) narrowed by ``requests`` (``batch="1:2:4"``...)."""
-        from fastdiff.export.api import export_tensorrt
+        from fastdiff.export.cache import cached_engine
 
         out = Path(cache_dir) if cache_dir else Path(onnx_path).parent
-        report = export_tensorrt(onnx_path, out, profile=profile, cache_dir=cache_dir, parity=False,
-                                 progress=progress, **requests)
-        return cls(report.files[-1][0], device=device)
+        return cls(cached_engine(onnx_path, out, profile, cache_dir, progress, **requests), device=device)
 
     @classmethod
     def from_torch(cls, unet: torch.nn.Module, device=None, dtype: torch.dtype | None = None, profile=None,
                    cache_dir=None, progress: bool = True, **requests) -> TensorRTRunner:
         """Export ``unet`` to ONNX (cached), then build (or reuse) its engine for ``profile`` (default: the model
         family's profile, or one derived from its config)."""
-        from fastdiff.backends.registry import cached_onnx_export
-        from fastdiff.export.api import export_tensorrt, resolve_profile
-        from fastdiff.export.source import unet_facts
+        from fastdiff.export.cache import cached_torch_engine
 
-        onnx_path = cached_onnx_export(unet, torch.float32, cache_dir, progress)
-        facts = unet_facts(unet)
-        prof = resolve_profile(facts, profile, precision="fp16" if dtype == torch.float16 else None, **requests)
-        report = export_tensorrt(onnx_path, onnx_path.parent, profile=prof, cache_dir=cache_dir, parity=False,
-                                 progress=progress)
-        return cls(report.files[-1][0], device=device)
-
-    def _check(self, feeds: dict[str, torch.Tensor]) -> None:
-        for name, (_dt, (lo, _, hi)) in self.inputs.items():
-            t = feeds.get(name)
-            if t is None:
-                raise InvalidInput(f"TensorRT engine {self.path.name}: input {name!r} is required")
-            if t.device != self.device:
-                raise InvalidInput(f"input {name!r} is on {t.device}; the engine runs on {self.device}")
-            if t.dim() != len(lo):
-                raise InvalidInput(f"input {name!r} must have {len(lo)} dimensions, got shape {tuple(t.shape)}")
-            for axis, (n, a, b) in enumerate(zip(t.shape, lo, hi, strict=True)):
-                if not a <= n <= b:
-                    dim = self._dim_name(name, axis)
-                    raise InvalidInput(f"TensorRT engine {self.path.name}: {dim}={n} (input {name!r}, axis {axis}) is "
-                                       f"outside the engine's optimization profile range [{a}, {b}]; rebuild the "
-                                       "engine with a profile that covers it (--batch / --height / --width)")
-
-    def _dim_name(self, name: str, axis: int) -> str:
-        if self.info:
-            for s in self.info.inputs:
-                if s.name == name and isinstance(s.dims[axis], str):
-                    return s.dims[axis]
-        return f"dim{axis}"
+        return cls(cached_torch_engine(unet, dtype, profile, cache_dir, progress, **requests), device=device)
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, class_labels=None, **model_kwargs):
         if self.kind != "unet":
@@ -185,44 +117,4 @@ class TensorRTRunner(ModelRunner):
 
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """Enqueue the engine on torch's current stream; returns the (first) output as a new torch tensor."""
-        self._check(feeds)
-        # Every tensor here is allocated and used on torch's current stream, so the caching allocator cannot hand
-        # their memory to anything that runs before the engine is done with it: no record_stream needed.
-        bound = []
-        for name, (dt, _) in self.inputs.items():
-            t = feeds[name].to(dt).contiguous()
-            bound.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        outs = {}
-        for name, dt in self.outputs.items():
-            outs[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dt, device=self.device)
-            self.context.set_tensor_address(name, outs[name].data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT failed to enqueue {self.path.name} (see TensorRT's log)")
-        return next(iter(outs.values()))
-
-
-def engine_parity(engine_path: Path, onnx_path: Path, profile, tol: float | None = None) -> list:
-    """TensorRT against onnxruntime (same ONNX, CPU) on random inputs at the profile's opt point."""
-    from fastdiff.backends.onnxruntime import make_session, read_graph_info
-    from fastdiff.export.graph import example_sizes, random_inputs
-    from fastdiff.export.onnx import PARITY_TOL
-    from fastdiff.export.report import ParityResult
-
-    tol = PARITY_TOL[profile.precision] if tol is None else tol
-    sess = make_session(onnx_path, torch.device("cpu"))
-    info = read_graph_info(sess)
-    sizes = example_sizes(profile.dims, "opt")
-    args = random_inputs(info.inputs, sizes, torch.Generator().manual_seed(0))
-    feeds = {s.name: a.numpy() for s, a in zip(info.inputs, args, strict=True)}
-    ref = torch.from_numpy(sess.run(None, feeds)[0]).double()
-    runner = TensorRTRunner(engine_path)
-    got = runner.run({s.name: a.to(runner.device) for s, a in zip(info.inputs, args, strict=True)})
-    torch.cuda.synchronize(runner.device)
-    err = (got.double().cpu() - ref).abs()
-    max_abs = float(err.max())
-    max_rel = max_abs / max(float(ref.abs().max()), 1e-30)
-    return [ParityResult("trt", {k: v for k, v in sizes.items() if not profile.dims[k].static}, max_abs, max_rel,
-                         tol, max_rel <= tol)]
+        return self.session.run(feeds)

@@ -9,8 +9,9 @@ See ``docs/export.md``.
 """
 
 from fastdiff.export.api import export_onnx, export_tensorrt, resolve_profile
-from fastdiff.export.profiles import DimRange, ExportProfile, available_profiles, load_profile
+from fastdiff.export.profiles import ExportProfile, available_profiles, load_profile
 from fastdiff.export.report import ExportReport, ParityResult
+from fastdiff.exported.specs import DimRange
 
 __all__ = ["export_onnx", "export_tensorrt", "resolve_profile", "DimRange", "ExportProfile", "available_profiles",
            "load_profile", "ExportReport", "ParityResult"]

@@ -9,9 +9,11 @@ from typing import Any
 
 from fastdiff._atomic import atomic_write_text
 from fastdiff.errors import BackendUnavailable, InvalidInput
-from fastdiff.export.profiles import DimRange, ExportProfile, auto_profile, infer_family, load_profile
+from fastdiff.export.profiles import ExportProfile, auto_profile, infer_family, load_profile
 from fastdiff.export.report import ExportReport
 from fastdiff.export.source import ModelSource, resolve_model
+from fastdiff.exported.metadata import GraphInfo, onnx_file_metadata
+from fastdiff.exported.specs import DimRange
 
 
 def resolve_profile(facts: dict[str, Any], profile: str | ExportProfile | None = None, *,
@@ -83,16 +85,6 @@ def export_onnx(model: Any, out_dir: str | Path, *, profile: str | ExportProfile
     return report
 
 
-def _onnx_metadata(path: Path) -> dict[str, str]:
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError and others for damaged files
-        raise InvalidInput(f"cannot read ONNX file {str(path)!r}: {e}") from e
-    return {p.key: p.value for p in proto.metadata_props}
-
-
 def export_tensorrt(model: Any, out_dir: str | Path, *, profile: str | ExportProfile | None = None,
                     precision: str | None = None, opset: int | None = None, batch: str | int | None = None,
                     height: str | int | None = None, width: str | int | None = None, tokens: str | int | None = None,
@@ -104,7 +96,6 @@ def export_tensorrt(model: Any, out_dir: str | Path, *, profile: str | ExportPro
     runs fp16 kernels with ``BuilderFlag.FP16``) or from an existing fastdiff ``.onnx`` file. Shapes come from the
     export profile narrowed by ``batch`` / ``height`` / ``width`` / ``tokens``; every range is checked before any
     export or build. Engines are cached (see :func:`fastdiff.export.tensorrt.get_engine`)."""
-    from fastdiff.backends.onnxruntime import GraphInfo
     from fastdiff.export import tensorrt as ftrt
     from fastdiff.export._files import publish, staging_dir
 
@@ -114,7 +105,7 @@ def export_tensorrt(model: Any, out_dir: str | Path, *, profile: str | ExportPro
         onnx_path = Path(model)
         if not onnx_path.is_file():
             raise InvalidInput(f"no ONNX file at {str(onnx_path)!r}")
-        meta = _onnx_metadata(onnx_path)
+        meta = onnx_file_metadata(onnx_path)
         info = GraphInfo.from_metadata(meta)
         if profile is None:
             if "fastdiff.profile" not in meta:
@@ -143,7 +134,7 @@ def export_tensorrt(model: Any, out_dir: str | Path, *, profile: str | ExportPro
                                   steps=steps, guidance_scale=guidance_scale, external_data=external_data,
                                   parity=parity, parity_tol=parity_tol, progress=progress)
         onnx_path = Path(onnx_report.files[-1][0])
-        meta = _onnx_metadata(onnx_path)
+        meta = onnx_file_metadata(onnx_path)
         info = GraphInfo.from_metadata(meta)
         report = ExportReport(model=source.name, format="tensorrt", kind=info.kind, profile=prof.name,
                               precision=prof.precision, opset=onnx_report.opset, files=list(onnx_report.files),
@@ -163,8 +154,6 @@ def export_tensorrt(model: Any, out_dir: str | Path, *, profile: str | ExportPro
         for p in publish([staged], out_dir):
             report.add_file(p)
     if parity:
-        from fastdiff.backends.tensorrt import engine_parity
-
-        report.parity += engine_parity(Path(report.files[-1][0]), onnx_path, prof, parity_tol)
+        report.parity += ftrt.engine_parity(Path(report.files[-1][0]), onnx_path, prof, parity_tol)
     atomic_write_text(out_dir / (onnx_path.stem + ".engine.report.json"), report.to_json())
     return report

@@ -22,26 +22,25 @@ import torch
 
 from fastdiff.errors import ExportError, InvalidInput
 from fastdiff.export._files import publish, staging_dir
-from fastdiff.export.graph import (
+from fastdiff.export.profiles import ExportProfile
+from fastdiff.export.report import ExportReport, ParityResult, Phases
+from fastdiff.export.signature import (
     PRECISION_DTYPES,
-    TensorSpec,
     UNetGraph,
     dynamic_shapes,
     example_sizes,
     random_inputs,
     unet_signature,
 )
-from fastdiff.export.profiles import DimRange, ExportProfile
-from fastdiff.export.report import ExportReport, ParityResult, Phases
 from fastdiff.export.source import ModelSource
+from fastdiff.exported.metadata import METADATA_FORMAT, label_table_metadata
+from fastdiff.exported.session import make_session
+from fastdiff.exported.specs import DimRange, TensorSpec
 
 #: max |onnxruntime - torch| / max |torch| allowed by the parity check, per export precision.
 PARITY_TOL = {"fp32": 1e-4, "fp16": 2e-2}
 #: protobuf cannot hold a model over 2 GiB; past this many bytes of weights they go to a ``.data`` file.
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
-#: label-embedding tables up to this size are stored in the metadata (base64) for path-based sampling.
-LABEL_TABLE_MAX_BYTES = 8 * 2**20
-METADATA_FORMAT = "1"
 
 
 @dataclass
@@ -219,8 +218,6 @@ def validate_onnx(path: Path, outputs: list[TensorSpec]) -> None:
 def parity_check(path: Path, g: GraphExport, tol: float | None = None, seed: int = 0) -> list[ParityResult]:
     """Run the ONNX file with onnxruntime (CPU) and ``g.reference`` (float32 PyTorch) on random inputs at the
     profile's opt point and at an odd point (min batch, min height); report max abs / rel errors."""
-    from fastdiff.backends.onnxruntime import make_session
-
     tol = PARITY_TOL[g.precision] if tol is None else tol
     sess = make_session(path, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
@@ -298,7 +295,7 @@ def versions_metadata() -> dict[str, str]:
 def base_metadata(kind: str, source: ModelSource, profile: ExportProfile, inputs: list[TensorSpec],
                   outputs: list[TensorSpec], precision: str) -> dict[str, str]:
     """The ``fastdiff.*`` metadata_props every exported graph carries (values are strings, JSON where
-    structured); :class:`fastdiff.backends.onnxruntime.OnnxRunner` reads them back."""
+    structured); :class:`fastdiff.exported.metadata.GraphInfo` reads them back."""
     meta = {
         "fastdiff.format": METADATA_FORMAT,
         "fastdiff.kind": kind,
@@ -321,18 +318,6 @@ def base_metadata(kind: str, source: ModelSource, profile: ExportProfile, inputs
     return meta
 
 
-def label_table_metadata(label_model: torch.nn.Module) -> str | None:
-    """The label-embedding table (float32, base64) and its sizes as JSON, or None when it is too large."""
-    import base64
-
-    w = label_model.label_embedding.weight.detach().float().cpu().contiguous()
-    if w.numel() * 4 > LABEL_TABLE_MAX_BYTES:
-        return None
-    return json.dumps({"num_classes": int(label_model.num_classes), "null_label": int(label_model.null_label),
-                       "tokens": int(label_model.tokens), "embed_dim": int(label_model.embed_dim),
-                       "shape": list(w.shape), "data": base64.b64encode(w.numpy().tobytes()).decode("ascii")})
-
-
 def model_copy(module: torch.nn.Module, precision: str) -> torch.nn.Module:
     """``module`` in the export precision (a copy when it must change dtype; the caller's model is untouched)."""
     dtype = PRECISION_DTYPES[precision]
@@ -343,7 +328,7 @@ def model_copy(module: torch.nn.Module, precision: str) -> torch.nn.Module:
 
 
 def unet_graph(source: ModelSource, profile: ExportProfile) -> GraphExport:
-    """A :class:`GraphExport` of one UNet call (see :func:`fastdiff.export.graph.unet_signature`)."""
+    """A :class:`GraphExport` of one UNet call (see :func:`fastdiff.export.signature.unet_signature`)."""
     precision = profile.precision
     inputs, outputs = unet_signature(source.facts, precision)
     names = [s.name for s in inputs]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastdiff.errors import InvalidInput
+from fastdiff.exported.specs import DimRange
 
 DIM_NAMES = ("batch", "height", "width", "tokens")
 PRECISIONS = ("fp32", "fp16")
@@ -48,69 +49,6 @@ def _toml_loads(text: str) -> dict:
             raise InvalidInput("reading export profiles on Python 3.10 needs the 'tomli' package: "
                                "pip install tomli (Python >= 3.11 has tomllib built in)") from e
     return tomllib.loads(text)
-
-
-@dataclass(frozen=True)
-class DimRange:
-    """A named input dimension's range ``[min, max]`` with the size the engine is tuned for (``opt``); every value
-    must be a multiple of ``multiple``."""
-
-    name: str
-    min: int
-    opt: int
-    max: int
-    multiple: int = 1
-
-    def __post_init__(self):
-        for k in ("min", "opt", "max", "multiple"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InvalidInput(f"dimension {self.name!r}: {k} must be an integer >= 1, got {v!r}")
-        if not self.min <= self.opt <= self.max:
-            raise InvalidInput(f"dimension {self.name!r}: need min <= opt <= max, got {self.min}, {self.opt}, "
-                               f"{self.max}")
-
-    @property
-    def static(self) -> bool:
-        return self.min == self.max
-
-    def describe(self, unit_scale: int = 1) -> str:
-        text = f"[{self.min}, {self.max}]"
-        if self.multiple > 1:
-            text += f" in multiples of {self.multiple}"
-        if unit_scale > 1 and self.name in ("height", "width"):
-            text += f" (= {self.min * unit_scale}..{self.max * unit_scale} pixels)"
-        return text
-
-    def contains(self, value: int) -> bool:
-        return self.min <= value <= self.max and value % self.multiple == 0
-
-    def check(self, value: int, where: str = "", unit_scale: int = 1) -> None:
-        """Raise :class:`InvalidInput` naming the dimension and the range if ``value`` is not allowed."""
-        if not self.contains(value):
-            raise InvalidInput(f"{self.name}={value} is outside {where or 'the allowed range'}: {self.name} must be "
-                               f"in {self.describe(unit_scale)}; pick a {self.name} inside it, or use another "
-                               "profile (--profile) / re-export or rebuild with a wider range")
-
-    def narrow(self, req: DimRange, where: str, unit_scale: int = 1) -> DimRange:
-        """``req`` inside this range (raising if it leaves it), keeping this range's ``multiple``."""
-        for v in (req.min, req.opt, req.max):
-            self.check(v, where, unit_scale)
-        return DimRange(self.name, req.min, req.opt, req.max, max(self.multiple, req.multiple))
-
-    def with_multiple(self, multiple: int) -> DimRange:
-        """Round min up / max down / opt to the nearest allowed value for a stricter ``multiple``."""
-        m = max(self.multiple, multiple)
-        lo = -(-self.min // m) * m
-        hi = self.max // m * m
-        if lo > hi:
-            raise InvalidInput(f"dimension {self.name!r}: no multiple of {m} lies in [{self.min}, {self.max}] "
-                               f"(the model needs {self.name} divisible by {m})")
-        opt = min(max(round(self.opt / m) * m, lo), hi)
-        return DimRange(self.name, lo, opt, hi, m)
-
-    def as_list(self) -> list[int]:
-        return [self.min, self.opt, self.max, self.multiple]
 
 
 def parse_dim(name: str, text: str | int) -> DimRange:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from fastdiff.errors import ExportError
-from fastdiff.export.graph import TensorSpec, run_unet
+from fastdiff.export.signature import run_unet
+from fastdiff.exported.specs import TensorSpec
 from fastdiff.schedulers.plan import HIST_SLOTS, Col, StepPlan
 
 

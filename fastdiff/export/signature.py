@@ -1,74 +1,18 @@
-"""Graph signatures: named inputs / outputs with symbolic dimensions, and the UNet wrapper that is exported.
-
-A :class:`TensorSpec` names each axis either with a size (static) or with a profile dimension (``"batch"``,
-``"height"``, ``"width"``, ``"tokens"``); the same specs drive ``torch.export``'s dynamic shapes, the ONNX input
-names, the parity inputs, the onnxruntime / TensorRT input checks and the TensorRT optimization profiles.
+"""ONNX graph signatures: the named inputs / outputs of a UNet graph, the module that is traced with that flat
+signature, and the concrete sizes, random inputs and ``torch.export`` dynamic shapes derived from a signature and
+its dimension ranges (the spec and range types themselves are the file format's: :mod:`fastdiff.exported.specs`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from fastdiff.errors import InvalidInput
-from fastdiff.export.profiles import DimRange
+from fastdiff.exported.specs import DimRange, TensorSpec
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: ``dims`` holds ints (static sizes) and dimension names."""
-
-    name: str
-    dtype: str
-    dims: tuple[str | int, ...]
-
-    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(d["name"], d["dtype"], tuple(d["dims"]))
-
-    def check(self, t: torch.Tensor, dims: dict[str, DimRange], sizes: dict[str, int], where: str,
-              unit_scale: int = 1) -> None:
-        """Raise :class:`InvalidInput` when ``t`` does not fit this spec: rank, static sizes, a named dimension
-        outside its range, or a named dimension that differs from the same name on another input (``sizes``
-        collects those)."""
-        if t.dim() != len(self.dims):
-            raise InvalidInput(f"{where}: input {self.name!r} must have {len(self.dims)} dimensions "
-                               f"{self.describe()}, got shape {tuple(t.shape)}")
-        for axis, (d, n) in enumerate(zip(self.dims, t.shape, strict=True)):
-            if isinstance(d, int):
-                if n != d:
-                    raise InvalidInput(f"{where}: input {self.name!r} {self.describe()} must have size {d} on axis "
-                                       f"{axis}, got shape {tuple(t.shape)}")
-                continue
-            if sizes.setdefault(d, n) != n:
-                raise InvalidInput(f"{where}: input {self.name!r} has {d}={n} but another input has "
-                                   f"{d}={sizes[d]}; they must agree")
-            if d in dims:
-                dims[d].check(n, where, unit_scale)
-
-    def describe(self) -> str:
-        return "(" + ", ".join(str(d) for d in self.dims) + ")"
 
 
 def unet_signature(facts: dict[str, Any], precision: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
