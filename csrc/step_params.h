@@ -2,7 +2,7 @@
 //
 // Plain C++ only: no torch, no CUDA headers. Tensors arrive as raw addresses of contiguous buffers (the Python
 // launchers pass tensor.data_ptr()), so one compiled module works with any torch version. The math is the one in
-// fastdiff/schedulers/plan.py; fastdiff/ops/reference.py is the oracle the kernels are tested against.
+// fastdiff/schedulers/plan.py; step_reference in fastdiff/ops/step.py is the oracle the kernels are tested against.
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,6 @@
 // The fused sampler step on CPU: CFG + x0 prediction + clamp + linear update + hist / saved / next_in writes +
 // non-finite flag, in one pass over memory. The math is fastdiff/schedulers/plan.py; the oracle is
-// fastdiff/ops/reference.py: same operation order and, built with -ffp-contract=off (setup.py), the same
+// step_reference in fastdiff/ops/step.py: same operation order and, built with -ffp-contract=off (setup.py), the same
 // roundings, so results match the reference bit for bit.
 //
 // Layout of the work: the flat (B * N) range is cut into chunks shared out by OpenMP; a chunk is cut at sample

@@ -1,7 +1,7 @@
 // The fused sampler step on CUDA: CFG + x0 prediction + clamp + linear update + hist / saved / next_in writes +
 // non-finite flag, in one pass over memory. The math is fastdiff/schedulers/plan.py; the oracle is
-// fastdiff/ops/reference.py: same operation order and, built with --fmad=false (setup.py), the same roundings, so
-// results match the reference bit for bit.
+// step_reference in fastdiff/ops/step.py: same operation order and, built with --fmad=false (setup.py), the same
+// roundings, so results match the reference bit for bit.
 //
 // Memory-bound by design: each thread moves 16-byte vectors (float4, or 8 halves / bfloat16s in a uint4) over a
 // grid-stride loop and computes in fp32. The vector path needs every buffer (and the B*N offset between CFG halves,

@@ -49,7 +49,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         d = WEIGHTS_DIR / s
         if not (d / WEIGHTS_NAME).is_file() or not (d / CONFIG_NAME).is_file():
             hint = ("python -m fastdiff.models.train_digits" if s == "digits"
-                    else "python -m fastdiff.distill generate ... then train ... (see docs/digits.md)")
+                    else "python -m fastdiff.distill generate ... then train ... (see the README)")
             raise ModelNotFound(f"the weights of the embedded model {s!r} are missing from {d} (a broken install?); "
                                 f"reinstall fastdiff or rebuild them with `{hint}`")
         return d
