@@ -30,8 +30,8 @@ from diffusers import (
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
-from fastdiff.accelerate import FallbackWarning, accelerate, is_accelerated, restore
 from fastdiff.errors import InvalidInput, UnknownBackend
+from fastdiff.pipeline_accelerator import FallbackWarning, accelerate, is_accelerated, restore
 from tests.test_pipelines import SD_SCHED, check_latents, check_same, gen, sched
 from tests.tiny_pipelines import make_sd, make_sdxl
 
@@ -89,7 +89,7 @@ def test_accelerated_pipeline_matches_untouched(vocab, kind, case, monkeypatch):
 
 def test_fastdiff_accelerate_is_callable_after_importing_the_submodule(vocab):
     import fastdiff
-    import fastdiff.accelerate  # noqa: F401 - binds the package attribute to the submodule
+    import fastdiff.pipeline_accelerator  # noqa: F401 - binds the package attribute to the submodule
 
     pipe = make_sd(vocab, sched(DDIMScheduler))
     assert fastdiff.accelerate(pipe, backend="torch") is pipe and is_accelerated(pipe)
@@ -282,7 +282,7 @@ def test_accelerate_rejects_what_it_cannot_run(vocab):
 
 
 def test_restore_of_a_unet_needs_fastdiff_optimize(vocab, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fastdiff.optimize", None)  # import fails: no optimizer
+    monkeypatch.setitem(sys.modules, "fastdiff.model_optimizer", None)  # import fails: no optimizer
     with pytest.raises(InvalidInput, match="fastdiff.optimize is not available"):
         restore(make_sd(vocab, sched(DDIMScheduler)).unet)
 
@@ -303,7 +303,7 @@ def _fake_optimize(calls, result="report", fail=False):
 
 def test_accelerate_calls_fastdiff_optimize_on_the_unet(vocab, monkeypatch, caplog):
     calls = []
-    monkeypatch.setitem(sys.modules, "fastdiff.optimize", _fake_optimize(calls))
+    monkeypatch.setitem(sys.modules, "fastdiff.model_optimizer", _fake_optimize(calls))
     pipe = make_sdxl(vocab, sched(DDIMScheduler))
     kw = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "latent"}
     ref = pipe(generator=gen(), **kw).images
@@ -323,7 +323,7 @@ def test_accelerate_calls_fastdiff_optimize_on_the_unet(vocab, monkeypatch, capl
 
 def test_optimize_failure_is_logged_not_raised(vocab, monkeypatch, caplog):
     calls = []
-    monkeypatch.setitem(sys.modules, "fastdiff.optimize", _fake_optimize(calls, fail=True))
+    monkeypatch.setitem(sys.modules, "fastdiff.model_optimizer", _fake_optimize(calls, fail=True))
     pipe = make_sd(vocab, sched(DDIMScheduler))
     with caplog.at_level("WARNING", logger="fastdiff"):
         accelerate(pipe)

@@ -67,9 +67,9 @@ class _State:
 def _optimize_module():
     """``fastdiff.optimize`` (the UNet optimizer, written separately) or None when it is not there / broken."""
     try:
-        return importlib.import_module("fastdiff.optimize")
+        return importlib.import_module("fastdiff.model_optimizer")
     except ModuleNotFoundError as e:
-        if e.name != "fastdiff.optimize":
+        if e.name != "fastdiff.model_optimizer":
             log.warning("fastdiff.optimize cannot be imported (%s); the UNet runs unoptimized", e)
         return None
     except Exception as e:  # noqa: BLE001 - an optional optimizer must never break accelerate()
