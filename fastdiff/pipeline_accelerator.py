@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fastdiff.errors import InvalidInput
+from fastdiff.loop import split_backend
 from fastdiff.model_optimizer import optimize as optimize_unet
 from fastdiff.model_optimizer import restore as restore_unet
 from fastdiff.pipelines import (
@@ -36,7 +37,6 @@ from fastdiff.pipelines import (
     is_diffusers_pipeline,
     pipeline_output,
 )
-from fastdiff.sampler import _split_backend
 
 log = logging.getLogger("fastdiff")
 _STATE = "_fastdiff_state"
@@ -138,7 +138,7 @@ def accelerate(pipe, backend: str = "auto", cuda_graph: bool = False):
     reasons = class_reasons(pipe)  # the UNet's state (offload hooks, IP-Adapter weights) is checked per call
     if reasons:
         raise InvalidInput("fastdiff.accelerate cannot accelerate this pipeline: " + "; ".join(reasons))
-    model_backend, _ = _split_backend(backend, None)  # UnknownBackend for a bad name
+    model_backend, _ = split_backend(backend, None)  # UnknownBackend for a bad name
     optimized = model_backend == "torch" and backend != "torch" and _optimize_unet(pipe.unet, backend)
     sampler = PipelineSampler(pipe, scheduler=None, backend=backend, cuda_graph=cuda_graph, check=False)
     original = type(pipe)
