@@ -414,7 +414,7 @@ UNET_CASES += [("sdxl-1024", "fastdiff")]
 def test_unet(benchmark, record, arch, provider):
     """One test per (arch, provider) measures the single forward and then the 50-step loop, in this order:
     eager, compiled, fastdiff (optimize patches the UNet in place; it is restored at the end)."""
-    from fastdiff.optimize import optimize, restore
+    from fastdiff.model_optimizer import optimize, restore
 
     unet, latents, ehs, added = unet_and_inputs(arch)
     restore(unet)

@@ -149,7 +149,7 @@ def sync():
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_pipeline(benchmark, record, pipelines, arch, provider):
-    import fastdiff.accelerate as fa
+    import fastdiff.pipeline_accelerator as fa
     from fastdiff.errors import NonFiniteError
 
     pipe = pipelines(arch)

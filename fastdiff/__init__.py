@@ -17,9 +17,9 @@ _LAZY = {
     "fused_step": "fastdiff.ops",
     "get_scheduler": "fastdiff.schedulers",
     "from_diffusers": "fastdiff.schedulers",
-    "optimize": "fastdiff.optimize",
-    "accelerate": "fastdiff.accelerate",
-    "restore": "fastdiff.accelerate",  # pipelines; anything else goes on to fastdiff.optimize.restore
+    "optimize": "fastdiff.model_optimizer",
+    "accelerate": "fastdiff.pipeline_accelerator",
+    "restore": "fastdiff.pipeline_accelerator",  # pipelines; a UNet goes on to fastdiff.model_optimizer.restore
 }
 
 

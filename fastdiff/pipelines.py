@@ -17,9 +17,9 @@ untouched pipeline's (within fp32 rounding) with the same generator:
   VAE while decoding when it is fp16 with ``force_upcast``), ``pipe.run_safety_checker`` (SD), the watermark (SDXL),
   ``pipe.image_processor.postprocess``.
 
-The loop itself is :meth:`fastdiff.Sampler.run_loop` on the pipeline's UNet, with ``fastdiff.from_diffusers
-(pipe.scheduler)``: per step one UNet call on the 2B CFG batch (uncond half first) and one fused step
-``m = u + g (c - u)`` (+ ``guidance_rescale``) + scheduler update + next model input.
+The loop itself is :func:`fastdiff.loop.run_loop` (the one ``fastdiff.Sampler`` runs for UNets) on the pipeline's
+UNet, with ``fastdiff.from_diffusers(pipe.scheduler)``: per step one UNet call on the 2B CFG batch (uncond half
+first) and one fused step ``m = u + g (c - u)`` (+ ``guidance_rescale``) + scheduler update + next model input.
 
 What fastdiff does not run here (step-end callbacks, IP-Adapters, custom ``timesteps`` / ``sigmas``, SDXL's
 ``denoising_end``, an unsupported scheduler, offloaded models, ...) is reported by :func:`unsupported_reasons` /
@@ -36,10 +36,11 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff.backends.base import TorchRunner
-from fastdiff.conditioning_inputs import Conditioning
+from fastdiff.backends.registry import make_runner
 from fastdiff.errors import InvalidInput
 from fastdiff.images import OUTPUT_TYPES
-from fastdiff.sampler import Sampler, _split_backend
+from fastdiff.loop import check_graph_device, run_loop, split_backend
+from fastdiff.sample_inputs import Conditioning
 from fastdiff.schedulers import NAMES, Scheduler, StepPlan, from_diffusers, get_scheduler
 
 # (class name, the diffusers module that defines it): the pipelines whose __call__ this module reproduces.
@@ -197,10 +198,12 @@ def _call_with_known(fn, values: dict, **fixed):
     return fn(**kwargs)
 
 
-class PipelineSampler(Sampler):
+class PipelineSampler:
     """``fastdiff.Sampler`` for a diffusers StableDiffusion(XL)Pipeline: prompt to images, the loop in fastdiff.
 
-    ``fastdiff.Sampler(pipe, ...)`` returns one of these. Args as :class:`fastdiff.Sampler`, except:
+    ``fastdiff.Sampler(pipe, ...)`` returns one of these (a registered ``fastdiff.Sampler``; it shares the loop of
+    :mod:`fastdiff.loop` with the UNet sampler rather than subclassing it). Args as
+    :class:`fastdiff.unet_sampler.UNetSampler`, except:
         scheduler: None follows ``pipe.scheduler`` (converted with ``from_diffusers`` at each call, so swapping
             ``pipe.scheduler`` takes effect); a fastdiff name (``"dpmpp_2m_karras"``) takes the pipeline's noise
             schedule and prediction type from ``pipe.scheduler``'s config; anything else as ``get_scheduler``.
@@ -208,7 +211,7 @@ class PipelineSampler(Sampler):
     """
 
     def __init__(self, model, scheduler=None, backend: str = "auto", device=None, dtype=None,
-                 step_backend: str | None = None, cuda_graph: bool = False, *, unet=None, check: bool = True):
+                 step_backend: str | None = None, cuda_graph: bool = False, *, check: bool = True):
         pipe = model
         self.pipe, self.kind = pipe, pipeline_kind(pipe)
         reasons = pipeline_reasons(pipe, self.kind)
@@ -216,13 +219,11 @@ class PipelineSampler(Sampler):
             raise InvalidInput("fastdiff cannot sample this pipeline: " + "; ".join(reasons))
         if device is not None or dtype is not None:
             pipe.to(device=device, dtype=dtype)
-        self.model_backend, self.step_backend = _split_backend(backend, step_backend)
+        self.model_backend, self.step_backend = split_backend(backend, step_backend)
         self.backend, self.cuda_graph, self.label_model = backend, bool(cuda_graph), None
-        self.unet = unet  # a replacement for pipe.unet in the loop (e.g. fastdiff.optimize's result)
         self._fixed_runner = None
         if self.model_backend != "torch":
-            model_unet = unet if unet is not None else pipe.unet
-            self._fixed_runner = self._make_runner(model_unet, self.model_backend, device, dtype)
+            self._fixed_runner = make_runner(pipe.unet, self.model_backend, device, dtype)
             self._fixed_for = pipe.unet
         self.runner = self._refresh_runner()
         self._user_scheduler: Scheduler | None = None
@@ -246,13 +247,18 @@ class PipelineSampler(Sampler):
                 raise Unsupported([f"pipe.unet was replaced after the {self.model_backend} runner was built from it "
                                    "(accelerate / build the sampler again)"])
             return self._fixed_runner
-        model = self.unet if self.unet is not None else self.pipe.unet
-        return TorchRunner(model)
+        return TorchRunner(self.pipe.unet)
 
     def _check_graph_device(self) -> None:
-        if self.cuda_graph and self.runner.device.type != "cuda":
-            raise InvalidInput(f"cuda_graph=True needs the model on a CUDA device, it is on {self.runner.device}; "
-                               "move the pipeline with pipe.to('cuda')")
+        check_graph_device(self.cuda_graph, self.runner.device, "; move the pipeline with pipe.to('cuda')")
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
 
     def pipe_scheduler(self) -> Scheduler:
         """``from_diffusers(pipe.scheduler)``, converted once per scheduler object (raises if unsupported)."""
@@ -285,12 +291,16 @@ class PipelineSampler(Sampler):
         except InvalidInput as e:  # unsupported scheduler class / option, step count out of range
             raise Unsupported([str(e)]) from e
 
+    def plan(self, num_inference_steps: int) -> StepPlan:
+        """The StepPlan a call with this step count runs (the scheduler's own ``eta``)."""
+        return self._plan(num_inference_steps, None)
+
     @property
     def scheduler(self) -> Scheduler:
         return self.pipe_scheduler()
 
     @scheduler.setter
-    def scheduler(self, value: Scheduler) -> None:  # Sampler API compatibility: pins a scheduler
+    def scheduler(self, value: Scheduler) -> None:  # as UNetSampler.scheduler: assigning pins a scheduler
         self._user_scheduler = value
 
     # ----- public API -------------------------------------------------------------------------------------------
@@ -364,7 +374,8 @@ class PipelineSampler(Sampler):
                                    f"draws {shape} in {runner.dtype})"])
         pipe._num_timesteps = plan.num_steps
 
-        x = self.run_loop(plan, latents, cond, g, float(a["guidance_rescale"]), generator, progress)
+        x = run_loop(runner, self.step_backend, plan, latents, cond, g, float(a["guidance_rescale"]), generator,
+                     progress, cuda_graph=self.cuda_graph)
         images, nsfw = (_decode_sdxl(pipe, x, a["output_type"]) if kind == "sdxl"
                         else _decode_sd(pipe, x, a["output_type"], generator, device, dtype))
         pipe.maybe_free_model_hooks()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import sys
 import types
 import warnings
 
@@ -30,8 +29,9 @@ from diffusers import (
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
-from fastdiff.accelerate import FallbackWarning, accelerate, is_accelerated, restore
+from fastdiff import pipeline_accelerator
 from fastdiff.errors import InvalidInput, UnknownBackend
+from fastdiff.pipeline_accelerator import FallbackWarning, accelerate, is_accelerated, restore
 from tests.test_pipelines import SD_SCHED, check_latents, check_same, gen, sched
 from tests.tiny_pipelines import make_sd, make_sdxl
 
@@ -87,10 +87,16 @@ def test_accelerated_pipeline_matches_untouched(vocab, kind, case, monkeypatch):
     check_same(img.images, ref_img, f"{kind} {name}")
 
 
-def test_fastdiff_accelerate_is_callable_after_importing_the_submodule(vocab):
+def test_public_functions_survive_importing_their_modules(vocab):
+    # The implementing modules are named apart from the functions, so importing them binds no package attribute
+    # that would shadow the lazily exported fastdiff.accelerate / fastdiff.optimize / fastdiff.restore.
     import fastdiff
-    import fastdiff.accelerate  # noqa: F401 - binds the package attribute to the submodule
+    import fastdiff.model_optimizer
+    import fastdiff.pipeline_accelerator
 
+    assert fastdiff.accelerate is accelerate and fastdiff.restore is restore
+    assert fastdiff.optimize is fastdiff.model_optimizer.optimize
+    assert fastdiff.pipeline_accelerator.accelerate is accelerate
     pipe = make_sd(vocab, sched(DDIMScheduler))
     assert fastdiff.accelerate(pipe, backend="torch") is pipe and is_accelerated(pipe)
     restore(pipe)
@@ -281,29 +287,36 @@ def test_accelerate_rejects_what_it_cannot_run(vocab):
     assert type(pipe) is StableDiffusionPipeline
 
 
-def test_restore_of_a_unet_needs_fastdiff_optimize(vocab, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fastdiff.optimize", None)  # import fails: no optimizer
-    with pytest.raises(InvalidInput, match="fastdiff.optimize is not available"):
-        restore(make_sd(vocab, sched(DDIMScheduler)).unet)
+def test_restore_of_a_unet_undoes_fastdiff_optimize(vocab):
+    import fastdiff
+    from fastdiff.model_optimizer import is_optimized
+
+    unet = make_sd(vocab, sched(DDIMScheduler)).unet
+    fastdiff.optimize(unet, backend="torch")
+    assert is_optimized(unet)
+    assert fastdiff.restore(unet) is True and not is_optimized(unet)  # model_optimizer.restore's answer
+    assert fastdiff.restore(unet) is False  # nothing left to undo
 
 
-def _fake_optimize(calls, result="report", fail=False):
+def _fake_optimizer(monkeypatch, calls, fail=False):
+    """Replace the UNet optimizer the accelerator calls with one that records its calls."""
     def optimize(unet, backend="auto"):
         calls.append(("optimize", unet, backend))
         if fail:
             raise RuntimeError("no kernels for this GPU")
-        return unet if result == "self" else result
+        return "report"
 
     def restore(unet):
         calls.append(("restore", unet))
         return unet
 
-    return types.SimpleNamespace(optimize=optimize, restore=restore)
+    monkeypatch.setattr(pipeline_accelerator, "optimize_unet", optimize)
+    monkeypatch.setattr(pipeline_accelerator, "restore_unet", restore)
 
 
 def test_accelerate_calls_fastdiff_optimize_on_the_unet(vocab, monkeypatch, caplog):
     calls = []
-    monkeypatch.setitem(sys.modules, "fastdiff.optimize", _fake_optimize(calls))
+    _fake_optimizer(monkeypatch, calls)
     pipe = make_sdxl(vocab, sched(DDIMScheduler))
     kw = {"prompt": "a cat", "num_inference_steps": 2, "output_type": "latent"}
     ref = pipe(generator=gen(), **kw).images
@@ -314,7 +327,7 @@ def test_accelerate_calls_fastdiff_optimize_on_the_unet(vocab, monkeypatch, capl
     restore(pipe)
     assert calls[-1] == ("restore", pipe.unet)
     unet = pipe.unet
-    assert restore(unet) is unet and calls[-1] == ("restore", unet)  # a UNet goes to fastdiff.optimize.restore
+    assert restore(unet) is unet and calls[-1] == ("restore", unet)  # a UNet goes to the optimizer's restore
 
     calls.clear()
     accelerate(pipe, backend="torch")  # the plain reference path: no optimizer
@@ -323,7 +336,7 @@ def test_accelerate_calls_fastdiff_optimize_on_the_unet(vocab, monkeypatch, capl
 
 def test_optimize_failure_is_logged_not_raised(vocab, monkeypatch, caplog):
     calls = []
-    monkeypatch.setitem(sys.modules, "fastdiff.optimize", _fake_optimize(calls, fail=True))
+    _fake_optimizer(monkeypatch, calls, fail=True)
     pipe = make_sd(vocab, sched(DDIMScheduler))
     with caplog.at_level("WARNING", logger="fastdiff"):
         accelerate(pipe)

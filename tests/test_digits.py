@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.__main__ import main as cli
-from fastdiff.cli_sample import draw, parse_labels
+from fastdiff.cli import main as cli
+from fastdiff.cli.sample import draw, parse_labels
 from fastdiff.errors import InvalidInput, ModelNotFound
 from fastdiff.models import EMBEDDED, LabelConditionedUNet, available_models, digits, load, save
 from tests.tolerances import TRAINED_LOOP_RTOL, rel_err

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastdiff.errors import BackendUnavailable, UnknownBackend
-from fastdiff.optimize import FastAttnProcessor, OptimizeReport, is_optimized, optimize, restore
+from fastdiff.model_optimizer import FastAttnProcessor, OptimizeReport, is_optimized, optimize, restore
 from tests.kernel_helpers import cuda_only, needs_cpu_ext
 
 diffusers = pytest.importorskip("diffusers")
@@ -63,8 +63,8 @@ def snapshot(unet):
 
 class TestOnCpu:
     def test_imports_do_not_import_triton(self):
-        code = ("import sys, fastdiff.optimize, fastdiff.ops.attention, fastdiff.ops.groupnorm, fastdiff.ops.geglu; "
-                "assert 'triton' not in sys.modules, 'triton was imported'")
+        code = ("import sys, fastdiff.model_optimizer, fastdiff.ops.attention, fastdiff.ops.groupnorm, "
+                "fastdiff.ops.geglu; assert 'triton' not in sys.modules, 'triton was imported'")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
     def test_auto_matches_the_original_exactly(self):

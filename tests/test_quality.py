@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fastdiff.__main__ import main as cli
+from fastdiff.cli import main as cli
 from fastdiff.models import digits, save
 from fastdiff.quality import evaluate, format_table, frechet_distance, score
 from fastdiff.quality.classifier import train_classifier
@@ -90,6 +90,6 @@ def test_cli_eval(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "sweep.md").exists()
     md = (tmp_path / "sweep.md").read_text()
     assert f"torch {torch.__version__}" in md and "--schedulers ddim --steps-list 1,2 --num-per-class 2" in md
-    assert cli(["eval", "--model", str(tiny_dir), "--sweep", "--out-dir", str(tmp_path / "missing")]) == 2
+    assert cli(["eval", "--model", str(tiny_dir), "--sweep", "--out", str(tmp_path / "missing")]) == 2
     assert cli(["eval", "--model", "nope"]) == 2
     assert "'digits'" in capsys.readouterr().err

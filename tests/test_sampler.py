@@ -234,3 +234,38 @@ def test_non_finite_values_raise_naming_the_step(unet):
     s = fastdiff.Sampler(NaNAfterTwo(unet), scheduler="dpmpp_2m", backend="torch")
     with pytest.raises(NonFiniteError, match="at step 3 of 5 .*float32.*bfloat16 or float32"):
         s.sample(num_inference_steps=5, encoder_hidden_states=torch.randn(1, L, D), progress=False)
+
+
+# ---------------------------------------------------------------- the public type and the shared loop
+
+
+def test_sampler_is_the_public_type_of_the_unet_sampler(unet):
+    from fastdiff.unet_sampler import UNetSampler
+
+    s = fastdiff.Sampler(unet, scheduler="ddim", backend="torch")
+    assert isinstance(s, UNetSampler) and isinstance(s, fastdiff.Sampler)
+    assert s.scheduler.name == "ddim" and s.backend == "torch" and s.step_backend == "torch"
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])
+def test_graph_path_step_equals_eager_on_cpu(unet, scheduler):
+    """The CUDA-graph step (``step(None)``: row, timestep and noise picked on the device by the step counter)
+    computes what the eager loop does; CPU index_select raises on an out-of-range counter, so running one step
+    too many shows that the counter indexes exactly the plan's steps."""
+    from fastdiff.loop import LoopState, run_loop
+    from fastdiff.sample_inputs import prepare_conditioning
+
+    s = fastdiff.Sampler(unet, scheduler=scheduler, backend="torch")
+    emb, latents = torch.randn(B, L, D), torch.randn(B, C, H, W)
+    cond = prepare_conditioning(s.runner, None, 4.0, emb, None, None, 1, None)
+    plan = s.plan(4)
+    eager = run_loop(s.runner, s.step_backend, plan, latents, cond, 4.0, 0.0, torch.Generator().manual_seed(1),
+                     progress=False)
+    state = LoopState(s.runner, s.step_backend, plan, latents, cond, 4.0, 0.0, torch.Generator().manual_seed(1))
+    state.draw_all_noise()
+    for _ in range(plan.num_steps):
+        state.step(None)
+    assert int(state.counter) == plan.num_steps and not state.flag.any()
+    torch.testing.assert_close(state.x, eager, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError):
+        state.step(None)

@@ -7,9 +7,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import fastdiff
-from fastdiff.conditioning_inputs import prepare_conditioning
+from fastdiff.loop import LoopState
 from fastdiff.ops import availability, fused_step
-from fastdiff.sampler import LoopState
+from fastdiff.sample_inputs import prepare_conditioning
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -38,7 +38,7 @@ def test_loop_makes_no_host_sync(unet, scheduler, backend):
     cond = prepare_conditioning(sampler.runner, None, 5.0, emb, None, None, 1, None)
     latents = torch.randn(B, C, H, W, device="cuda")
     gen = torch.Generator("cuda").manual_seed(0)
-    state = LoopState(sampler, sampler.plan(6), latents, cond, 5.0, 0.0, gen)
+    state = LoopState(sampler.runner, sampler.step_backend, sampler.plan(6), latents, cond, 5.0, 0.0, gen)
     state.step(0)  # first call: lazy inits (cuBLAS handles, Triton compile) may sync; they are not per-step
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -13,9 +13,10 @@ import sys
 import torch
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastdiff.distill", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``generate`` / ``train`` subcommands to ``p`` (this module's parser, or ``python -m fastdiff
+    distill``'s: the sub-parsers take ``p``'s class and program name)."""
+    sub = p.add_subparsers(dest="distill_command", required=True)
     g = sub.add_parser("generate", help="teacher (label, noise, image) triplets in resumable shards")
     g.add_argument("--teacher", default="digits", help="embedded model name or model directory")
     g.add_argument("--out", required=True, help="output directory (shards, manifest, merged triplets)")
@@ -42,18 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=0, help="also save the EMA every N steps")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastdiff.distill", description=__doc__.split("\n")[0])
+    add_arguments(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    a = _parser().parse_args(argv)
+def run(a: argparse.Namespace) -> int:
+    """Run a parsed ``generate`` / ``train`` command; returns the exit status."""
     if a.threads:
         torch.set_num_threads(a.threads)
     from fastdiff.errors import FastDiffError
 
     try:
-        if a.command == "generate":
+        if a.distill_command == "generate":
             from fastdiff.distill.triplets import TripletSpec, run_distributed
 
             spec = TripletSpec(teacher=a.teacher, num_samples=a.num_samples, shard_size=a.shard_size, seed=a.seed,
@@ -72,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (also ``python -m fastdiff distill``)."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def check_exportable(unet: torch.nn.Module) -> None:
     """Refuse a UNet patched by ``fastdiff.optimize`` (its fused custom ops have no ONNX form)."""
     if getattr(unet, "_fastdiff_optimized", None):
         raise InvalidInput("this UNet was patched by fastdiff.optimize (fused custom ops that ONNX cannot express); "
-                           "call fastdiff.optimize.restore(unet) before exporting, and optimize again afterwards")
+                           "call fastdiff.restore(unet) before exporting, and optimize again afterwards")
 
 
 def unet_facts(unet: torch.nn.Module, label_model: torch.nn.Module | None = None) -> dict[str, Any]:

@@ -56,8 +56,9 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 def train(steps: int = 2500, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, label_dropout: float = 0.1,
           ema_decay: float = 0.999, out: str | os.PathLike | None = None, save_every: int = 500,
-          progress: bool = True, log_every: int = 100):
+          progress: bool = True, log_every: int = 100, command: str | None = None):
     """Train the digits teacher and save its EMA weights to ``out`` (default: the package's ``weights/digits``).
+    ``command``: the command line recorded in the saved metadata (default: this module's, with ``sys.argv``).
 
     Returns the EMA :class:`LabelConditionedUNet`.
     """
@@ -76,7 +77,7 @@ def train(steps: int = 2500, batch_size: int = 128, lr: float = 1e-3, seed: int 
     g = torch.Generator().manual_seed(seed)  # one generator drives data order, noise, timesteps, dropout
     perm, pos = torch.randperm(n, generator=g), 0
     meta = {
-        "command": "python -m fastdiff.models.train_digits " + " ".join(sys.argv[1:]),
+        "command": command or "python -m fastdiff.models.train_digits " + " ".join(sys.argv[1:]),
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "label_dropout": label_dropout,
         "ema_decay": ema_decay, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
@@ -119,9 +120,8 @@ def train(steps: int = 2500, batch_size: int = 128, lr: float = 1e-3, seed: int 
     return ema
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m fastdiff.models.train_digits", description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This trainer's options (its own parser's, and ``python -m fastdiff train digits``'s)."""
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -131,12 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output directory (default: the package's weights/digits)")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace, command: str | None = None) -> int:
+    """Train with parsed options; ``command`` is recorded with the weights (see :func:`train`)."""
     if a.threads:
         torch.set_num_threads(a.threads)
     train(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, label_dropout=a.label_dropout,
-          ema_decay=a.ema_decay, out=a.out, progress=not a.no_progress)
+          ema_decay=a.ema_decay, out=a.out, progress=not a.no_progress, command=command)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (also ``python -m fastdiff train digits``)."""
+    p = argparse.ArgumentParser(prog="python -m fastdiff.models.train_digits", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ covered stay as they are; the returned :class:`OptimizeReport` lists them, and o
 from __future__ import annotations
 
 import logging
-import sys
 import types
 from collections import Counter
 from collections.abc import Callable
@@ -342,13 +341,3 @@ def restore(unet: nn.Module) -> bool:
         _undo(*entry)
     return True
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule binds the package attribute ``fastdiff.optimize`` to the module, shadowing the lazily
-    exported function; calling the module calls the function, so ``fastdiff.optimize(unet)`` works either way."""
-
-    def __call__(self, *args, **kwargs):
-        return optimize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -79,7 +79,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cell", type=int, default=64, help="pixels per image in the grid")
-    p.add_argument("-o", "--output", "--out", default=DEFAULT_OUTPUT, help=f"PNG path (default {DEFAULT_OUTPUT})")
+    p.add_argument("--out", "-o", "--output", dest="out", default=DEFAULT_OUTPUT,
+                   help=f"PNG path (default {DEFAULT_OUTPUT})")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -110,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
     """Sample and write the grid; returns the exit status."""
     from fastdiff.models import load
 
-    out = Path(args.output)
+    out = Path(args.out)
     if out.suffix.lower() != ".png":
-        raise InvalidInput(f"--output must be a .png path, got {str(out)!r}")
+        raise InvalidInput(f"--out must be a .png path, got {str(out)!r}")
     if not out.parent.exists():
         raise InvalidInput(f"the output folder {str(out.parent)!r} does not exist; create it or pick another path")
     if args.num_per_label < 1:

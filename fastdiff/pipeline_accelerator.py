@@ -8,19 +8,16 @@ The instance's class is swapped for a per-instance subclass with the same name w
 signature (``inspect.signature(pipe.__call__)`` is unchanged) and returns the original outputs
 (``StableDiffusionPipelineOutput`` / ``StableDiffusionXLPipelineOutput`` or their tuples). Each call binds its
 arguments like the original; when fastdiff can run them all (see :mod:`fastdiff.pipelines`), the loop runs through
-fastdiff's fused step on ``pipe.unet`` (optimized with ``fastdiff.optimize`` when that is available and the backend
-allows); otherwise the original ``__call__`` runs, with a one-time :class:`FallbackWarning` that says why. A wrong
-image is never the fallback: anything fastdiff does not reproduce exactly goes to the original loop.
+fastdiff's fused step on ``pipe.unet`` (optimized in place with ``fastdiff.optimize`` unless the backend is the
+plain ``"torch"`` reference or a model backend); otherwise the original ``__call__`` runs, with a one-time
+:class:`FallbackWarning` that says why. A wrong image is never the fallback: anything fastdiff does not reproduce
+exactly goes to the original loop.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import logging
-import sys
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +25,9 @@ from typing import Any
 import torch
 
 from fastdiff.errors import InvalidInput
+from fastdiff.loop import split_backend
+from fastdiff.model_optimizer import optimize as optimize_unet
+from fastdiff.model_optimizer import restore as restore_unet
 from fastdiff.pipelines import (
     PipelineSampler,
     Unsupported,
@@ -37,7 +37,6 @@ from fastdiff.pipelines import (
     is_diffusers_pipeline,
     pipeline_output,
 )
-from fastdiff.sampler import _split_backend
 
 log = logging.getLogger("fastdiff")
 _STATE = "_fastdiff_state"
@@ -64,47 +63,23 @@ class _State:
                       + "; ".join(new) + " (this warning is shown once per reason)", FallbackWarning, stacklevel=3)
 
 
-def _optimize_module():
-    """``fastdiff.optimize`` (the UNet optimizer, written separately) or None when it is not there / broken."""
+def _optimize_unet(unet: torch.nn.Module, backend: str) -> bool:
+    """Run :func:`fastdiff.model_optimizer.optimize` on the UNet in place; returns whether it did. A failure (e.g. no
+    kernel for this GPU) is logged and leaves the UNet as it was: accelerate() must still run the pipeline."""
     try:
-        return importlib.import_module("fastdiff.optimize")
-    except ModuleNotFoundError as e:
-        if e.name != "fastdiff.optimize":
-            log.warning("fastdiff.optimize cannot be imported (%s); the UNet runs unoptimized", e)
-        return None
-    except Exception as e:  # noqa: BLE001 - an optional optimizer must never break accelerate()
-        log.warning("fastdiff.optimize cannot be imported (%s); the UNet runs unoptimized", e)
-        return None
-
-
-def _optimize_unet(unet: torch.nn.Module, backend: str) -> tuple[torch.nn.Module | None, bool]:
-    """Run ``fastdiff.optimize.optimize`` on the UNet. Returns (a module to run instead of ``pipe.unet`` or None,
-    whether the UNet was optimized). Failures are logged and leave the UNet as it was."""
-    mod = _optimize_module()
-    fn = getattr(mod, "optimize", None) if mod is not None else None
-    if not callable(fn):
-        return None, False
-    try:
-        kwargs = {"backend": backend} if "backend" in inspect.signature(fn).parameters else {}
-        result = fn(unet, **kwargs)
+        report = optimize_unet(unet, backend=backend)
     except Exception as e:  # noqa: BLE001
         log.warning("fastdiff.optimize failed on the UNet (%s: %s); it runs unoptimized", type(e).__name__, e)
-        return None, False
-    if isinstance(result, torch.nn.Module):
-        log.info("fastdiff.optimize on the UNet: returned %s", type(result).__name__)
-        return (None if result is unet else result), True
-    log.info("fastdiff.optimize on the UNet: %s", result)
-    return None, True
+        return False
+    log.info("fastdiff.optimize on the UNet: %s", report)
+    return True
 
 
 def _restore_unet(unet: torch.nn.Module) -> None:
-    mod = _optimize_module()
-    fn = getattr(mod, "restore", None) if mod is not None else None
-    if callable(fn):
-        try:
-            fn(unet)
-        except Exception as e:  # noqa: BLE001
-            log.warning("fastdiff.optimize.restore failed on the UNet (%s: %s)", type(e).__name__, e)
+    try:
+        restore_unet(unet)
+    except Exception as e:  # noqa: BLE001 - restore() of the pipeline must not fail on its UNet
+        log.warning("fastdiff.optimize's restore failed on the UNet (%s: %s)", type(e).__name__, e)
 
 
 def _progress(pipe) -> bool:
@@ -149,8 +124,8 @@ def accelerate(pipe, backend: str = "auto", cuda_graph: bool = False):
             ``AutoPipelineForText2Image``), on the device and in the dtype it will run in.
         backend: ``"auto"``, a fused-step backend (``"torch"``, ``"cpp"``, ``"cuda"``, ``"triton"``; the UNet runs in
             PyTorch) or a model backend (``"onnxruntime"``, ``"tensorrt"``), as for :class:`fastdiff.Sampler`.
-            Except with ``"torch"`` (the plain reference path), a PyTorch UNet is passed to ``fastdiff.optimize``
-            when that module is available; a failure there is logged and the UNet runs as it is.
+            Except with ``"torch"`` (the plain reference path), a PyTorch UNet is passed to ``fastdiff.optimize``;
+            a failure there is logged and the UNet runs as it is.
         cuda_graph: capture one denoising step in a CUDA graph and replay it for every step (CUDA only).
 
     Accelerating an accelerated pipeline replaces its settings. Undo with :func:`restore`.
@@ -163,12 +138,9 @@ def accelerate(pipe, backend: str = "auto", cuda_graph: bool = False):
     reasons = class_reasons(pipe)  # the UNet's state (offload hooks, IP-Adapter weights) is checked per call
     if reasons:
         raise InvalidInput("fastdiff.accelerate cannot accelerate this pipeline: " + "; ".join(reasons))
-    model_backend, _ = _split_backend(backend, None)  # UnknownBackend for a bad name
-    replacement, optimized = None, False
-    if model_backend == "torch" and backend != "torch":
-        replacement, optimized = _optimize_unet(pipe.unet, backend)
-    sampler = PipelineSampler(pipe, scheduler=None, backend=backend, cuda_graph=cuda_graph, unet=replacement,
-                              check=False)
+    model_backend, _ = split_backend(backend, None)  # UnknownBackend for a bad name
+    optimized = model_backend == "torch" and backend != "torch" and _optimize_unet(pipe.unet, backend)
+    sampler = PipelineSampler(pipe, scheduler=None, backend=backend, cuda_graph=cuda_graph, check=False)
     original = type(pipe)
     namespace = {"__call__": _accelerated_call(original.__call__), "_fastdiff_original_class": original,
                  "__module__": original.__module__, "__qualname__": original.__qualname__, "__doc__": original.__doc__}
@@ -181,9 +153,9 @@ def accelerate(pipe, backend: str = "auto", cuda_graph: bool = False):
 def restore(obj):
     """Undo :func:`accelerate` on a pipeline (its class, and ``fastdiff.optimize`` on its UNet); returns it.
 
-    Anything else (a UNet) goes to ``fastdiff.optimize.restore`` when that module exists, so ``fastdiff.restore``
-    undoes both ``fastdiff.accelerate(pipe)`` and ``fastdiff.optimize(unet)``. A pipeline that was not accelerated
-    is returned unchanged."""
+    Anything else (a UNet) goes to :func:`fastdiff.model_optimizer.restore` (which returns whether there was
+    anything to undo), so ``fastdiff.restore`` undoes both ``fastdiff.accelerate(pipe)`` and
+    ``fastdiff.optimize(unet)``. A pipeline that was not accelerated is returned unchanged."""
     state: _State | None = getattr(obj, "__dict__", {}).get(_STATE)
     if state is not None:
         obj.__class__ = state.original_class
@@ -193,21 +165,5 @@ def restore(obj):
         return obj
     if is_diffusers_pipeline(obj):
         return obj
-    mod = _optimize_module()
-    fn = getattr(mod, "restore", None) if mod is not None else None
-    if not callable(fn):
-        raise InvalidInput(f"fastdiff.restore takes a pipeline accelerated with fastdiff.accelerate (got "
-                           f"{type(obj).__name__}, and fastdiff.optimize is not available to restore it)")
-    return fn(obj)
+    return restore_unet(obj)
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule binds the package attribute ``fastdiff.accelerate`` to the module, which would shadow
-    a lazily exported ``fastdiff.accelerate`` function; calling the module calls the function, so
-    ``fastdiff.accelerate(pipe)`` works whichever of the two the attribute holds."""
-
-    def __call__(self, *args, **kwargs):
-        return accelerate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps-list", default="5,10,20,50")
     p.add_argument("--extra-model", action="append", default=[],
                    help="with --sweep: also measure this model at its own settings (e.g. digits-onestep)")
-    p.add_argument("--out-dir", default=".", help="with --sweep: where sweep.md / sweep.png go")
+    p.add_argument("--out", "--out-dir", dest="out", default=".",
+                   help="with --sweep: the folder sweep.md / sweep.png go to")
     return p
 
 
@@ -54,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         from fastdiff.quality.sweep import plot, sweep, write_table
 
-        out = Path(args.out_dir)
+        out = Path(args.out)
         if not out.is_dir():
-            raise InvalidInput(f"--out-dir {str(out)!r} is not an existing folder")
+            raise InvalidInput(f"--out {str(out)!r} is not an existing folder")
         results = sweep(args.model, [s.strip() for s in args.schedulers.split(",") if s.strip()],
                         _ints(args.steps_list), guidance_scale=args.guidance,
                         extra=[{"model": m} for m in args.extra_model], **common)

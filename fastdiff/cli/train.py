@@ -1,0 +1,27 @@
+"""``python -m fastdiff train MODEL [options]``: train an embedded model from scratch (today: ``digits``)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from fastdiff.models import train_digits
+
+#: model name -> its trainer module (``add_arguments(parser)``, ``run(args, command)``)
+TRAINERS = {"digits": train_digits}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``train`` with one sub-command per trainable model, each with its trainer's options."""
+    p = subparsers.add_parser("train", help="train an embedded model (digits)", description=__doc__)
+    models = p.add_subparsers(dest="model", required=True, metavar="MODEL")
+    for name, trainer in TRAINERS.items():
+        trainer.add_arguments(models.add_parser(name, help=f"train the embedded {name!r} model",
+                                                description=trainer.__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    command = "python -m fastdiff train " + shlex.join(args.command_argv)
+    return TRAINERS[args.model].run(args, command=command)
