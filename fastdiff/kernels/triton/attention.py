@@ -12,9 +12,9 @@ Head dims that are not a power of two (SD1.5 uses 40, 80, 160) are split into tw
 (40 = 32 + 16 (8 masked), 80 = 64 + 16, 160 = 128 + 32), each with its own ``tl.dot`` and accumulator, instead of
 padding to the next power of two (64 / 128 / 256): 25-60% fewer MMA FLOPs and registers for those dims.
 
-Floor: 4·Lq·Lk·D FLOPs per (b, h) (two matmuls) at the tensor-core rate (~700 TFLOP/s dense fp16 on an H100
-SXM with wgmma; Triton reaches ~60-70% of it); cross-attention (Lk = 77) is bound by reading q and writing out
-(2·Lq·D elements per head) rather than FLOPs.
+Floor: 4·Lq·Lk·D FLOPs per (b, h) (two matmuls) at the tensor-core rate (~989 TFLOP/s dense fp16 on an H100
+SXM with wgmma; FlashAttention-2's forward reaches about a third of it, benches/NOTES.md); cross-attention
+(Lk = 77) is bound by reading q and writing out (2·Lq·D elements per head) rather than FLOPs.
 """
 
 from __future__ import annotations
