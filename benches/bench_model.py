@@ -6,10 +6,14 @@ Run (one GPU session, ~3-4 minutes on an H100; see benches/gpu_run.sh "model")::
 
 Suites (the ratio table of benches/conftest.py shows diffusers' median / each provider's: > 1 is faster):
 
-- ``attention``: "diffusers" = ``F.scaled_dot_product_attention`` (what diffusers' AttnProcessor2_0 runs) vs
-  fastdiff's Triton flash attention, at the self- (4096 / 1024 / 256 tokens) and cross-attention (77 text tokens)
-  shapes of SD1.5 (head dims 40 / 80 / 160, 8 heads) and SDXL (head dim 64), plus head dim 128; CFG batch 2,
-  q / k / v as the (B, L, H·D) projection views diffusers passes. TFLOP/s in extra_info.
+- ``attention``: "diffusers" = ``F.scaled_dot_product_attention`` with PyTorch's own backend choice (what
+  diffusers' AttnProcessor2_0 runs), "sdpa-flash" / "sdpa-cudnn" = SDPA pinned to its FlashAttention /
+  cuDNN backend (``torch.nn.attention.sdpa_kernel``; skipped, with PyTorch's reason, where that backend refuses
+  the shape or dtype) vs fastdiff's Triton flash attention, at the self- (4096 / 1024 / 256 tokens) and
+  cross-attention (77 text tokens) shapes of SD1.5 (head dims 40 / 80 / 160, 8 heads) and SDXL (head dim 64),
+  plus head dim 128; CFG batch 2, q / k / v as the (B, L, H·D) projection views diffusers passes. TFLOP/s in
+  extra_info. The goal is fastdiff >= 1.0x the best of sdpa-flash and sdpa-cudnn: the ratio table has a column
+  for it (benches/conftest.py, BEST_OF).
 - ``groupnorm_silu``: "diffusers" = ``F.silu(F.group_norm(x))`` vs fastdiff's fused Triton kernel
   ("fastdiff") and CUDA C++ kernel ("fastdiff-cxx"; the C++ one in a CPU dry run) vs "copy", a device-to-device
   copy of x (the floor: GroupNorm+SiLU must read x and write y). GB/s in extra_info.
@@ -46,7 +50,8 @@ TUNE = os.environ.get("FASTDIFF_BENCH_TUNE") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not DRYRUN else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 pytestmark = pytest.mark.skipif(DEVICE != "cuda" and not DRYRUN,
-                                reason="GPU benchmark (set FASTDIFF_BENCH_DRYRUN=1 to check it on CPU)")
+                                reason="GPU benchmark: needs an NVIDIA GPU (torch.cuda.is_available() is False); "
+                                "set FASTDIFF_BENCH_DRYRUN=1 to check its plumbing on CPU")
 ROUNDS = 3 if QUICK or DRYRUN else 10
 STEPS = 2 if DRYRUN else 50
 GUIDANCE = 7.5
@@ -153,7 +158,11 @@ def rotating(fn, sets):
 # --------------------------------------------------------------------------------------------------- ops
 
 
-@pytest.mark.parametrize("provider", ["diffusers", "fastdiff"])
+# SDPA pinned to one backend: the competitors the attention goal is set against (the fastest kernels PyTorch has).
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}
+
+
+@pytest.mark.parametrize("provider", ["diffusers", *SDPA_BACKENDS, "fastdiff"])
 @pytest.mark.parametrize("case", list(ATTENTION))
 def test_attention(benchmark, record, case, provider):
     from fastdiff.ops.attention import attention
@@ -168,12 +177,27 @@ def test_attention(benchmark, record, case, provider):
         v = torch.randn(b, lk, h * d, generator=g).to(DEVICE, DTYPE).view(b, lk, h, d).transpose(1, 2)
         return q, k, v
 
+    if provider in SDPA_BACKENDS and DEVICE != "cuda":
+        pytest.skip(f"{provider}: SDPA's {SDPA_BACKENDS[provider]} backend needs a CUDA device (CPU dry run)")
     sets = input_sets(make, 2 * (2 * b * lq * h * d + 2 * b * lk * h * d))
-    if provider == "diffusers":
-        fn = rotating(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), sets)
-    else:
+    if provider == "fastdiff":
         fn = rotating(lambda q, k, v: attention(q, k, v, backend="triton" if DEVICE == "cuda" else "auto"), sets)
-    per = time_loop(benchmark, fn)
+    else:
+        fn = rotating(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), sets)
+    if provider in SDPA_BACKENDS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # Pinned for the whole timing (not per call: entering the context costs host time that small shapes
+        # would show). A backend that cannot run this case raises here, before any timing.
+        with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[provider])):
+            try:
+                fn()
+                sync()
+            except RuntimeError as e:
+                pytest.skip(f"{provider} cannot run {case} {DTYPE}: {str(e).strip().splitlines()[0][:200]}")
+            per = time_loop(benchmark, fn)
+    else:
+        per = time_loop(benchmark, fn)
     record("attention", f"{case} {str(DTYPE)[6:]}", provider, benchmark,
            tflops=4.0 * b * h * lq * lk * d / per / 1e12, us=per * 1e6)
 
@@ -268,16 +292,25 @@ def test_tune_attention(benchmark, record, case):
             results[(bm, bn, warps, stages)] = _do_bench(lambda cfg=cfg: launch(q, k, v, out, d ** -0.5, cfg))
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report and go on
             print(f"  {case} {cfg}: {type(e).__name__}: {str(e)[:120]}")
-    sdpa = _do_bench(lambda: F.scaled_dot_product_attention(q, k, v))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa = {"diffusers": _do_bench(lambda: F.scaled_dot_product_attention(q, k, v))}
+    for name, backend in SDPA_BACKENDS.items():
+        try:
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                sdpa[name] = _do_bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        except RuntimeError as e:  # this backend refuses the shape / dtype
+            print(f"  {case} {name}: {str(e).strip().splitlines()[0][:120]}")
     heuristic = config(d, lq, lk, DTYPE, False)
     lines = [f"  {c}: {t * 1e6:8.1f} us {flop / t / 1e12:6.1f} TFLOP/s" for c, t in sorted(results.items(),
                                                                                         key=lambda kv: kv[1])]
-    print(f"\n{case}: sdpa {sdpa * 1e6:.1f} us, heuristic {heuristic}\n" + "\n".join(lines))
+    sdpa_text = ", ".join(f"{n} {t * 1e6:.1f} us" for n, t in sdpa.items())
+    print(f"\n{case}: sdpa: {sdpa_text}; heuristic {heuristic}\n" + "\n".join(lines))
     best = min(results, key=results.get)
     cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), best, strict=True))
     per = time_loop(benchmark, lambda: launch(q, k, v, out, d ** -0.5, cfg))
     record("attention", f"{case} {str(DTYPE)[6:]}", "fastdiff-tuned", benchmark, best=str(best),
-           tflops=flop / per / 1e12, sdpa_do_bench_us=sdpa * 1e6,
+           tflops=flop / per / 1e12, sdpa_do_bench_us={n: round(t * 1e6, 1) for n, t in sdpa.items()},
            sweep={str(c): round(t * 1e6, 1) for c, t in results.items()})
 
 

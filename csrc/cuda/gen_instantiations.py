@@ -30,7 +30,7 @@ def render() -> str:
     ]
     for _, ctype, vec in DTYPES:
         for width in (vec, 1):
-            lines.append(f"template __global__ void step_kernel<{ctype}, {width}>(const StepParams);")
+            lines.append(f"template __global__ void step_kernel<{ctype}, {width}>(const StepParams, const FastDiv32);")
         lines.append(f"template void launch_typed<{ctype}>(const StepParams&, cudaStream_t, int, int);")
     lines += [
         "",

@@ -7,7 +7,8 @@
 // grid-stride loop and computes in fp32. The vector path needs every buffer (and the B*N offset between CFG halves,
 // hist slots and next_in halves) 16-byte aligned; the last (B*N mod V) elements are done by a scalar tail, and
 // misaligned inputs fall back to a scalar kernel. The sample index (for m_scale / x0_limit) is computed per
-// element, so N need not be a multiple of the vector width.
+// element, so N need not be a multiple of the vector width; it is a multiply and shift (fast_div.h) rather than a
+// 64-bit division whenever B*N < 2^31.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -19,6 +20,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "fast_div.h"
 #include "step.h"
 
 namespace fastdiff {
@@ -68,10 +70,16 @@ __device__ __forceinline__ Row read_row(const StepParams& p) {
   return k;
 }
 
+// Sample index e / N of flat element e. `nd` is N's multiply-and-shift divisor, or mul == 0 when B*N or N is too
+// large for it (2^31 elements or more): then the (slow, emulated) 64-bit division. The branch is uniform.
+__device__ __forceinline__ long long sample_of(const StepParams& p, const FastDiv32& nd, long long e) {
+  return nd.mul != 0 ? (long long)nd.div(uint32_t(e)) : e / p.per_sample;
+}
+
 // Elements [i, i + V) of the flat (B * N) array; returns whether a result is non-finite. All reads come before
 // the first write, so out may alias x and saved is updated in place.
 template <typename T, int V>
-__device__ __forceinline__ bool step_elems(const StepParams& p, const Row& k, long long i) {
+__device__ __forceinline__ bool step_elems(const StepParams& p, const FastDiv32& nd, const Row& k, long long i) {
   const long long bn = p.batch * p.per_sample;
   const T* mo = static_cast<const T*>(p.model_out);
   float x[V], m[V], t[V], x0[V], prev[V], ns[V], sv[V];
@@ -86,11 +94,11 @@ __device__ __forceinline__ bool step_elems(const StepParams& p, const Row& k, lo
 
   long long b[V];  // sample of each element: a vector may straddle samples when N % V != 0
   if (p.m_scale != nullptr || p.x0_limit != nullptr) {
-    long long s = i / p.per_sample, end = (s + 1) * p.per_sample;
+    long long s = sample_of(p, nd, i), end = (s + 1) * p.per_sample;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       if (i + j >= end) {
-        s = (i + j) / p.per_sample;
+        s = sample_of(p, nd, i + j);
         end = (s + 1) * p.per_sample;
       }
       b[j] = s;
@@ -178,17 +186,17 @@ __device__ __forceinline__ bool step_elems(const StepParams& p, const Row& k, lo
 }
 
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) step_kernel(const StepParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) step_kernel(const StepParams p, const FastDiv32 nd) {
   const Row k = read_row(p);
   const long long total = p.batch * p.per_sample;
   const long long nvec = total / V;
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long stride = (long long)gridDim.x * blockDim.x;
   bool bad = false;
-  for (long long v = tid; v < nvec; v += stride) bad |= step_elems<T, V>(p, k, v * V);
+  for (long long v = tid; v < nvec; v += stride) bad |= step_elems<T, V>(p, nd, k, v * V);
   if (V > 1) {
     const long long t = nvec * V + tid;  // scalar tail, fewer than V elements
-    if (t < total) bad |= step_elems<T, 1>(p, k, t);
+    if (t < total) bad |= step_elems<T, 1>(p, nd, k, t);
   }
   // Plain store: every writer stores the same 1, so no atomic is needed; the host reads the flag after the loop.
   if (bad && k.step >= 0) p.flag[k.step] = 1;
@@ -230,7 +238,9 @@ void launch_width(const StepParams& p, cudaStream_t stream, int device, int sm_c
   const long long total = p.batch * p.per_sample;
   const long long work = std::max(1LL, total / V);
   const long long blocks = std::min((work + kThreads - 1) / kThreads, wave_blocks<T, V>(device, sm_count));
-  step_kernel<T, V><<<(unsigned)blocks, kThreads, 0, stream>>>(p);
+  // Only the m_scale / x0_limit paths divide; mul == 0 keeps the 64-bit division (see sample_of).
+  const FastDiv32 nd = FastDiv32::fits(p.per_sample, total) ? FastDiv32::make(p.per_sample) : FastDiv32{};
+  step_kernel<T, V><<<(unsigned)blocks, kThreads, 0, stream>>>(p, nd);
 }
 
 template <typename T>

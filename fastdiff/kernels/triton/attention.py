@@ -12,9 +12,9 @@ Head dims that are not a power of two (SD1.5 uses 40, 80, 160) are split into tw
 (40 = 32 + 16 (8 masked), 80 = 64 + 16, 160 = 128 + 32), each with its own ``tl.dot`` and accumulator, instead of
 padding to the next power of two (64 / 128 / 256): 25-60% fewer MMA FLOPs and registers for those dims.
 
-Floor: 4·Lq·Lk·D FLOPs per (b, h) (two matmuls) at the tensor-core rate (~700 TFLOP/s dense fp16 on an H100
-SXM with wgmma; Triton reaches ~60-70% of it); cross-attention (Lk = 77) is bound by reading q and writing out
-(2·Lq·D elements per head) rather than FLOPs.
+Floor: 4·Lq·Lk·D FLOPs per (b, h) (two matmuls) at the tensor-core rate (~989 TFLOP/s dense fp16 on an H100
+SXM with wgmma; FlashAttention-2's forward reaches about a third of it, benches/NOTES.md); cross-attention
+(Lk = 77) is bound by reading q and writing out (2·Lq·D elements per head) rather than FLOPs.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _attn_fwd_kernel(
     num_heads, seq_q, seq_k, qk_scale,
     HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, STRIDES_X8: tl.constexpr,
 ):
     # No calls to jit functions in here (see twin.py): reductions go through tl.reduce with the standard combines.
     # The last dim of q / k / v / out has stride 1 (the launcher guarantees it).
@@ -49,30 +49,51 @@ def _attn_fwd_kernel(
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    o_base = o_ptr + b * stride_ob + h * stride_oh
+    q_off = b * stride_qb + h * stride_qh
+    k_off = b * stride_kb + h * stride_kh
+    v_off = b * stride_vb + h * stride_vh
+    o_off = b * stride_ob + h * stride_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d1 = tl.arange(0, D1)
     m_ok = offs_m < seq_q
+    q_rows = offs_m * stride_qm
+    k_rows = offs_n * stride_kn
+    v_rows = offs_n * stride_vn
+    o_rows = offs_m * stride_om
+    if STRIDES_X8:
+        # The launcher checked every base pointer (16 bytes) and stride (8 elements): every row starts 16-byte aligned
+        # (fp16 / bf16). Triton's launch specialisation only records divisibility by 16: a head stride of 40
+        # (diffusers' (B, L, H·D) layout at D = 40) leaves it assuming 2-byte alignment, i.e. scalar loads, no
+        # cp.async and no K / V pipelining. The hints go on computed offsets: on a kernel argument they are ignored.
+        q_off = tl.multiple_of(q_off, 8)
+        k_off = tl.multiple_of(k_off, 8)
+        v_off = tl.multiple_of(v_off, 8)
+        o_off = tl.multiple_of(o_off, 8)
+        q_rows = tl.multiple_of(q_rows, 8)
+        k_rows = tl.multiple_of(k_rows, 8)
+        v_rows = tl.multiple_of(v_rows, 8)
+        o_rows = tl.multiple_of(o_rows, 8)
+    q_base = q_ptr + q_off
+    k_base = k_ptr + k_off
+    v_base = v_ptr + v_off
+    o_base = o_ptr + o_off
 
     # Q stays in registers for the whole loop. Rows past seq_q load as 0 (their output is never stored).
     if EVEN_M:
-        q1 = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d1[None, :])
+        q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :])
     else:
-        q1 = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d1[None, :], mask=m_ok[:, None], other=0.0)
+        q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :], mask=m_ok[:, None], other=0.0)
     if UPCAST:  # the interpreter's fp16 / bf16 arithmetic is unreliable: compute in fp32 there
         q1 = q1.to(tl.float32)
     acc1 = tl.full([BLOCK_M, D1], 0.0, tl.float32)
     if D2 > 0:  # the second head-dim part: columns D1 .. D1 + D2, those >= HEAD_DIM masked
         offs_d2 = D1 + tl.arange(0, D2)
         d2_ok = offs_d2 < HEAD_DIM
-        kt2_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d2[:, None]
-        v2_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d2[None, :]
-        q2 = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :],
+        kt2_ptrs = k_base + k_rows[None, :] + offs_d2[:, None]
+        v2_ptrs = v_base + v_rows[:, None] + offs_d2[None, :]
+        q2 = tl.load(q_base + q_rows[:, None] + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :],
                      other=0.0)
         if UPCAST:
             q2 = q2.to(tl.float32)
@@ -81,8 +102,8 @@ def _attn_fwd_kernel(
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
 
     # K is read transposed, (D, BLOCK_N), so q @ kT needs no in-register transpose.
-    kt1_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d1[:, None]
-    v1_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d1[None, :]
+    kt1_ptrs = k_base + k_rows[None, :] + offs_d1[:, None]
+    v1_ptrs = v_base + v_rows[:, None] + offs_d1[None, :]
     for start_n in range(0, seq_k, BLOCK_N):
         n_ok = (start_n + offs_n) < seq_k
         koff = start_n * stride_kn
@@ -125,13 +146,13 @@ def _attn_fwd_kernel(
 
     inv_l = 1.0 / l_i
     out_ty = o_ptr.dtype.element_ty
-    o1_ptrs = o_base + offs_m[:, None] * stride_om + offs_d1[None, :]
+    o1_ptrs = o_base + o_rows[:, None] + offs_d1[None, :]
     if EVEN_M:
         tl.store(o1_ptrs, (acc1 * inv_l[:, None]).to(out_ty))
     else:
         tl.store(o1_ptrs, (acc1 * inv_l[:, None]).to(out_ty), mask=m_ok[:, None])
     if D2 > 0:
-        o2_ptrs = o_base + offs_m[:, None] * stride_om + offs_d2[None, :]
+        o2_ptrs = o_base + o_rows[:, None] + offs_d2[None, :]
         tl.store(o2_ptrs, (acc2 * inv_l[:, None]).to(out_ty), mask=m_ok[:, None] & d2_ok[None, :])
 
 
@@ -157,8 +178,9 @@ def config(head_dim: int, seq_q: int, seq_k: int, dtype: torch.dtype, interpret:
         # big register tiles, so small tiles (no spills up to D = 128 on sm90).
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
     # 8 warps (two warpgroups on sm90): half the registers per thread of 4 warps (no spills at any head dim with
-    # 16-element-aligned strides, which UNet projections always have: H·D = 320 / 640 / 1280), 3-stage K / V
-    # pipeline (2 at D = 160 to stay within shared memory).
+    # 16-byte-aligned rows, which UNet projections have: token stride H·D = 320 / 640 / 1280, head stride D = 40 /
+    # 80 / 160, the latter known to the compiler through the STRIDES_X8 hint), 3-stage K / V pipeline (2 at
+    # D = 160 to stay within shared memory).
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2 if d1 + d2 > 128 else 3)
 
 
@@ -179,6 +201,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     meta = dict(
         HEAD_DIM=head_dim, D1=d1, D2=d2, BLOCK_M=bm, BLOCK_N=bn, EVEN_M=seq_q % bm == 0, EVEN_N=seq_k % bn == 0,
         UPCAST=interpret, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        STRIDES_X8=strides_x8(q, k, v, out),
     )
     args = (q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], heads, seq_q, seq_k,
             float(scale) * LOG2E)
@@ -188,6 +211,20 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             kernel[grid](*args, **meta, **cfg)
     else:
         kernel[grid](*args, **meta, **cfg)
+
+
+def strides_x8(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel may assume 16-byte-aligned rows (its STRIDES_X8 hint): every base pointer 16-byte aligned
+    and every batch, head and row stride a multiple of 8 elements. A batch or head dim of size 1 is exempt: its
+    index is always 0, so its stride never reaches an address. False for views that break it (e.g. a slice offset
+    by one element), which then run with the alignment Triton can prove by itself."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+        (nb, nh, _), (sb, sh, sm) = t.shape[:3], t.stride()[:3]
+        if (sb % 8 and nb > 1) or (sh % 8 and nh > 1) or sm % 8:
+            return False
+    return True
 
 
 def flops(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int) -> float:
