@@ -12,7 +12,7 @@
 // = 2^p keeps the extra term below 1 / d, too small to reach the next integer. m < 2^32 because d > 2^(c-1).
 //
 // Plain C++ (host and device): the launch wrapper builds it, the kernel applies it, and a host-only test
-// (tests/test_step_cuda.py) checks it against '/' without a GPU.
+// (tests/kernels/test_step_cuda.py) checks it against '/' without a GPU.
 #pragma once
 
 #include <cstdint>

@@ -167,7 +167,7 @@ def split_head_dim(d: int) -> tuple[int, int]:
 def config(head_dim: int, seq_q: int, seq_k: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Tile sizes and launch options: a heuristic, not an autotune (no benchmarking inside a CUDA-graph capture,
     and no GPU time spent tuning at startup). Starting points from FlashAttention-2 / Triton's fused-attention
-    tutorial for sm80 / sm90, register and shared-memory use checked offline (tests/test_attention.py); to be
+    tutorial for sm80 / sm90, register and shared-memory use checked offline (tests/ops/test_attention.py); to be
     tuned on the H100 (benches/NOTES.md)."""
     if interpret:
         # Small tiles: several query blocks and key tiles, so the online-softmax rescaling and tails are exercised.

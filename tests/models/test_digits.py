@@ -20,7 +20,7 @@ from fastdiff.errors import InvalidInput, ModelNotFound
 from fastdiff.models import EMBEDDED, LabelConditionedUNet, available_models, digits, load, save
 from tests.tolerances import TRAINED_LOOP_RTOL, rel_err
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The student is distilled from the teacher after it trains; until its weights ship, its tests skip with this reason.
 STUDENT_SHIPPED = (ROOT / "fastdiff" / "models" / "weights" / "digits-onestep" / "model.safetensors").exists()
 needs_student = pytest.mark.skipif(not STUDENT_SHIPPED, reason="digits-onestep weights are not shipped in this tree")

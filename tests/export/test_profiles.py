@@ -135,7 +135,7 @@ def test_profile_dir_env(tmp_path, monkeypatch):
 def tiny_folder(tmp_path):
     """A saved random LabelConditionedUNet folder (fastdiff format), so the CLI has a model that always exists."""
     from fastdiff.models import save
-    from tests.test_export_fixtures import tiny_label_model
+    from tests.export.tiny_models import tiny_label_model
 
     return save(tiny_label_model(), tmp_path / "tiny")
 

@@ -13,7 +13,7 @@ import torch
 from fastdiff import _ext
 from fastdiff.errors import BackendUnavailable, ExtensionNotBuilt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

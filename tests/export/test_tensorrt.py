@@ -169,7 +169,7 @@ def test_explicit_engine_files_are_refused_with_rebuild_hint(tmp_path):
 def test_backend_reasons_and_registry_errors(tmp_path):
     from fastdiff.backends.registry import make_runner, model_backend_reasons
     from fastdiff.backends.tensorrt import tensorrt_reasons
-    from tests.test_export_fixtures import tiny_unet
+    from tests.export.tiny_models import tiny_unet
 
     reasons = tensorrt_reasons("cpu")
     assert any("CUDA" in r for r in reasons)
@@ -185,7 +185,7 @@ def test_backend_reasons_and_registry_errors(tmp_path):
 
 def test_tensorrt_export_checks_ranges_before_needing_tensorrt(tmp_path):
     from fastdiff.export.api import export_tensorrt
-    from tests.test_export_fixtures import tiny_label_model
+    from tests.export.tiny_models import tiny_label_model
 
     with pytest.raises(InvalidInput, match=r"batch=99 .*\[1, 8\]"):
         export_tensorrt(tiny_label_model(), tmp_path, batch="1:2:99", progress=False)
@@ -200,7 +200,7 @@ def test_export_tensorrt_from_onnx_with_stand_ins(tmp_path, monkeypatch):
 
     from fastdiff.export.api import export_tensorrt
     from fastdiff.export.onnx import export_graph
-    from tests.test_export_fixtures import tiny_graph
+    from tests.export.tiny_models import tiny_graph
 
     export_graph(tiny_graph(), tmp_path / "onnx", progress=False)
     onnx_path = tmp_path / "onnx" / "model.onnx"
@@ -242,7 +242,8 @@ def test_tensorrt_engine_matches_torch_and_is_cached(tmp_path):
     _require_tensorrt()
     from fastdiff.backends.tensorrt import TensorRTRunner
     from fastdiff.export.api import export_tensorrt
-    from tests.test_export_fixtures import rel_err, tiny_label_model
+    from tests.export.tiny_models import tiny_label_model
+    from tests.tolerances import rel_err
 
     model = tiny_label_model()
     report = export_tensorrt(model, tmp_path / "out", precision="fp32", batch="1:2:4", cache_dir=tmp_path / "c",

@@ -24,7 +24,7 @@ from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
 from tests.kernel_helpers import needs_cuda_ext
 from tests.step_cases import ALL_ON, CASES, StepCase, assert_close_nan, check_case, make_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_GPU = torch.cuda.is_available()
 
 

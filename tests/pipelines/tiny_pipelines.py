@@ -12,9 +12,13 @@ import json
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from tests.tolerances import IMG_ATOL, SCHED_LOOP_RTOL, rel_err
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 16  # the tokenizer's model_max_length: prompts pad / truncate to this many ids
@@ -95,3 +99,45 @@ def make_sdxl(folder: Path, scheduler, seed: int = 0, force_upcast: bool = True)
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ----- comparisons shared by the pipeline and accelerate tests ------------------------------------------------
+SD_SCHED = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
+
+
+def sched(cls, **extra):
+    """A scheduler with SD's noise schedule (keys the class does not know are dropped)."""
+    known = cls().config
+    cfg = {k: v for k, v in {**SD_SCHED, "clip_sample": False, **extra}.items() if k in known}
+    return cls(**cfg)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def check_same(ours, ref, what=""):
+    if isinstance(ref, list):  # PIL
+        assert isinstance(ours, list) and len(ours) == len(ref) and all(isinstance(i, Image.Image) for i in ours)
+        a, b = np.stack([np.asarray(i, dtype=np.int16) for i in ours]), np.stack([np.asarray(i) for i in ref])
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, what
+        return
+    assert type(ours) is type(ref) and ours.shape == ref.shape, what
+    if isinstance(ref, np.ndarray):
+        ours, ref = torch.from_numpy(ours), torch.from_numpy(ref)
+    assert (ours - ref).abs().max().item() <= IMG_ATOL, f"{what}: max abs diff {(ours - ref).abs().max():.2e}"
+
+
+def check_latents(ours, ref, what=""):
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    err = rel_err(ours, ref)
+    assert err <= SCHED_LOOP_RTOL, f"{what}: rel err {err:.2e}"
+
+
+def make_lcm_sdxl_unet():
+    """An SDXL-like UNet distilled LCM-style: guidance enters as ``timestep_cond`` (``time_cond_proj_dim``)."""
+    torch.manual_seed(3)
+    unet = make_unet(2 * TEXT_DIM, sdxl=True, time_cond_proj_dim=8)
+    return unet
+
+

@@ -1,14 +1,14 @@
 """``fastdiff.sample(pipe, ...)`` / ``fastdiff.Sampler(pipe)`` against the untouched diffusers pipeline.
 
-Tiny random-weight StableDiffusionPipeline / StableDiffusionXLPipeline built from configs (tests/tiny_pipelines.py),
-same generator on both sides: final latents within the loop tolerance, decoded images within fp32 rounding.
+Tiny random-weight StableDiffusionPipeline / StableDiffusionXLPipeline built from configs
+(tests/pipelines/tiny_pipelines.py), same generator on both sides: final latents within the loop tolerance, decoded
+images within fp32 rounding.
 """
 
 from __future__ import annotations
 
 import types
 
-import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -21,50 +21,26 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from PIL import Image
 
 import fastdiff
 from fastdiff.errors import InvalidInput, UnknownScheduler
 from fastdiff.pipelines import PipelineSampler, Unsupported
-from tests.tiny_pipelines import make_sd, make_sdxl
-from tests.tolerances import SCHED_LOOP_RTOL, rel_err
-
-IMG_ATOL = 2e-5  # decoded images in [0, 1], fp32
-SD_SCHED = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
-
-
-def sched(cls, **extra):
-    """A scheduler with SD's noise schedule (keys the class does not know are dropped)."""
-    known = cls().config
-    cfg = {k: v for k, v in {**SD_SCHED, "clip_sample": False, **extra}.items() if k in known}
-    return cls(**cfg)
+from tests.pipelines.tiny_pipelines import (
+    SD_SCHED,
+    check_latents,
+    check_same,
+    gen,
+    make_lcm_sdxl_unet,
+    make_sd,
+    make_sdxl,
+    sched,
+)
+from tests.tolerances import rel_err
 
 
 @pytest.fixture(scope="module")
 def vocab(tmp_path_factory):
     return tmp_path_factory.mktemp("vocab")
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def check_same(ours, ref, what=""):
-    if isinstance(ref, list):  # PIL
-        assert isinstance(ours, list) and len(ours) == len(ref) and all(isinstance(i, Image.Image) for i in ours)
-        a, b = np.stack([np.asarray(i, dtype=np.int16) for i in ours]), np.stack([np.asarray(i) for i in ref])
-        assert a.shape == b.shape and np.abs(a - b).max() <= 1, what
-        return
-    assert type(ours) is type(ref) and ours.shape == ref.shape, what
-    if isinstance(ref, np.ndarray):
-        ours, ref = torch.from_numpy(ours), torch.from_numpy(ref)
-    assert (ours - ref).abs().max().item() <= IMG_ATOL, f"{what}: max abs diff {(ours - ref).abs().max():.2e}"
-
-
-def check_latents(ours, ref, what=""):
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype
-    err = rel_err(ours, ref)
-    assert err <= SCHED_LOOP_RTOL, f"{what}: rel err {err:.2e}"
 
 
 # (id, diffusers scheduler, steps, call overrides)
@@ -117,14 +93,6 @@ def test_lcm_unet_guidance_through_timestep_cond(vocab, kind):
     weaker = fastdiff.sample(pipe, backend="torch", generator=gen(), output_type="latent", progress=False,
                              **{**kw, "guidance_scale": 2.0})
     assert rel_err(weaker, ours) > 1e-4  # the guidance scale reaches the UNet
-
-
-def make_lcm_sdxl_unet():
-    from tests.tiny_pipelines import TEXT_DIM, make_unet
-
-    torch.manual_seed(3)
-    unet = make_unet(2 * TEXT_DIM, sdxl=True, time_cond_proj_dim=8)
-    return unet
 
 
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])

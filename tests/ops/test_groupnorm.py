@@ -232,7 +232,7 @@ class TestNvccCompilesGroupNorm:
         nvcc = shutil.which("nvcc")
         if nvcc is None:
             pytest.skip("nvcc is not installed")
-        root = Path(__file__).resolve().parents[1]
+        root = Path(__file__).resolve().parents[2]
         src = root / "csrc" / "cuda" / "groupnorm.cu"
         base = [nvcc, "-std=c++17", "--fmad=false", f"-I{root / 'csrc'}", str(src)]
         res = subprocess.run([*base, "-c", "-o", str(tmp_path / "gn.o"), "-Xptxas", "-v",

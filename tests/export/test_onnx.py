@@ -13,16 +13,16 @@ import torch
 from fastdiff.errors import ExportError, InvalidInput, ModelNotFound
 from fastdiff.export import export_onnx
 from fastdiff.export.onnx import export_graph
-from tests.test_export_fixtures import (
+from tests.export.tiny_models import (
     TinyConv,
     digits_model,
     load_embedded,
-    rel_err,
     sd15_like_unet,
     tiny_graph,
     tiny_label_model,
     tiny_unet,
 )
+from tests.tolerances import rel_err
 
 ort = pytest.importorskip("onnxruntime")
 

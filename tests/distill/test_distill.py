@@ -20,7 +20,7 @@ from fastdiff.errors import InvalidInput
 from fastdiff.models import digits, load, save
 from fastdiff.models.generate import make_noise, make_sampler, sample_seed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """``fastdiff.accelerate(pipe)`` / ``fastdiff.restore(pipe)``: same object, same call, same outputs; fallbacks.
 
-Tiny random-weight pipelines (tests/tiny_pipelines.py). The untouched pipeline is run first with a generator, then
-the accelerated one with an equal generator; latents within the loop tolerance, images within fp32 rounding.
+Tiny random-weight pipelines (tests/pipelines/tiny_pipelines.py). The untouched pipeline is run first with a
+generator, then the accelerated one with an equal generator; latents within the loop tolerance, images within
+fp32 rounding.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffus
 from fastdiff import pipeline_accelerator
 from fastdiff.errors import InvalidInput, UnknownBackend
 from fastdiff.pipeline_accelerator import FallbackWarning, accelerate, is_accelerated, restore
-from tests.test_pipelines import SD_SCHED, check_latents, check_same, gen, sched
-from tests.tiny_pipelines import make_sd, make_sdxl
+from tests.pipelines.tiny_pipelines import SD_SCHED, check_latents, check_same, gen, make_sd, make_sdxl, sched
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_lcm_and_turbo(vocab, kind, monkeypatch):
     if kind == "sd":
         pipe = make_sd(vocab, LCMScheduler(**SD_SCHED), time_cond_proj_dim=8)
     else:
-        from tests.test_pipelines import make_lcm_sdxl_unet
+        from tests.pipelines.tiny_pipelines import make_lcm_sdxl_unet
 
         pipe = make_sdxl(vocab, LCMScheduler(**SD_SCHED))
         pipe.unet = make_lcm_sdxl_unet()

@@ -90,12 +90,6 @@ def digits_model():
         return build_model(seed=0).eval().requires_grad_(False)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| in float64."""
-    a, b = a.double(), b.double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 class TinyConv(torch.nn.Module):
     """``(sample (B, 1, H, W), timestep (B,)) -> conv(sample) * t``: a graph that exports in a second or two."""
 

@@ -16,7 +16,8 @@ from fastdiff.export import export_onnx
 from fastdiff.export.source import resolve_model
 from fastdiff.export.unrolled import UnrolledSampler, make_plan
 from fastdiff.schedulers import get_scheduler
-from tests.test_export_fixtures import load_embedded, rel_err, tiny_label_model, tiny_unet
+from tests.export.tiny_models import load_embedded, tiny_label_model, tiny_unet
+from tests.tolerances import rel_err
 
 pytest.importorskip("onnxruntime")
 LABELS = torch.tensor([3, 1, 4])

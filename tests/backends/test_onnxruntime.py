@@ -12,7 +12,8 @@ from fastdiff.backends.base import TorchRunner
 from fastdiff.backends.registry import make_runner
 from fastdiff.errors import BackendUnavailable, InvalidInput, ModelNotFound, UnknownBackend
 from fastdiff.export import export_onnx
-from tests.test_export_fixtures import digits_model, rel_err, sdxl_like_unet, tiny_label_model
+from tests.export.tiny_models import digits_model, sdxl_like_unet, tiny_label_model
+from tests.tolerances import rel_err
 
 ort = pytest.importorskip("onnxruntime")
 from fastdiff.backends.onnxruntime import OnnxRunner, OnnxSampler  # noqa: E402
