@@ -39,6 +39,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Odd shapes: N not a multiple of any vector width; batch 5 with N = 3 (vectors straddle samples); B*N a multiple of
 # 8 while N is odd (the vector path with per-element sample indices); one bigger than a CPU work chunk.
 SHAPES = ((3, 4, 97, 61), (1, 4, 7, 5), (5, 3, 1, 1), (8, 3, 5, 7), (2, 4, 64, 72))
+# Odd shapes small enough for an interpreter (milliseconds per program): one sample, N = 3 with batch 5, odd H x W.
+SMALL_SHAPES = ((1, 4, 7, 5), (5, 3, 1, 1), (2, 3, 9, 11))
 FLAG_LEN = 6
 TERM_COLS = [c for c in Col if c < Col.WSLOT]  # every coefficient column that multiplies a tensor
 LAYOUTS = ("contig", "transposed", "sliced", "offset")
@@ -63,6 +65,10 @@ class StepCase:
     layout: str = "contig"  # one of LAYOUTS, applied to every tensor argument
     inplace: bool = False  # out=x
     nan_model_out: bool = False
+    # For a backend that truncates fp32 -> bf16 where torch rounds to nearest even (the Triton interpreter): a bf16
+    # case gets a power-of-two IN_NEXT, so next_in (scaled from the stored bf16 sample, then rounded again) is exact
+    # rather than up to 2 bf16 ulps off.
+    exact_in_next: bool = False
     guidance: float = 4.5
     seed: int = 0
 
@@ -85,6 +91,7 @@ FEATURE_SETS = {
     "unipc": dict(cfg=True, hist=True, saved=True, wslot=2, next_in=True, flag=True),
     "rescale": dict(cfg=True, m_scale=True, next_in=True),
     "rescale_nocfg": dict(m_scale=True, clamp="threshold", next_in=True),
+    "lcm": dict(noise=True, next_in=True, clamp="clip"),
     "all": ALL_ON,
 }
 
@@ -142,6 +149,8 @@ def make_row(case: StepCase, gen: torch.Generator) -> torch.Tensor:
         row[Col.OM] = 0.75  # the NaN must reach prev
     row[Col.WSLOT] = case.wslot
     row[Col.IN_NEXT] = 0.5 + torch.rand((), generator=gen, dtype=torch.float64).item()
+    if case.exact_in_next and case.dtype == torch.bfloat16:
+        row[Col.IN_NEXT] = (0.5, 1.0, 2.0)[case.seed % 3]
     row[Col.NOISE] = 1.0
     row[Col.STEP] = int(torch.randint(0, FLAG_LEN, (), generator=gen))
     return row.to(torch.float32)

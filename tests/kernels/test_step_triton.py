@@ -10,7 +10,6 @@ skipped without one). Interpreter cases are small: the interpreter costs millise
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -18,108 +17,20 @@ import torch
 from fastdiff.ops import fused_step
 from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
 from tests.kernel_helpers import cuda_only
-from tests.tolerances import assert_close, poison
+from tests.step_cases import (
+    ALL_ON,
+    DTYPES,
+    FEATURE_SETS,
+    SMALL_SHAPES,
+    StepCase,
+    assert_close_nan,
+    check_case,
+    make_inputs,
+    make_row,
+)
+from tests.tolerances import poison
 
 pytest.importorskip("triton", reason="triton is not installed")
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SMALL = (2, 4, 7, 5)
-ODD_SHAPES = ((1, 4, 7, 5), (5, 3, 1, 1), (2, 3, 9, 11))
-FLAG_LEN = 5
-_TERM_COLS = [c for c in Col if c < Col.WSLOT]  # every coefficient column that multiplies a tensor
-
-
-@dataclass(frozen=True)
-class Case:
-    """One fused-step configuration; inputs are drawn fresh from ``seed``."""
-
-    shape: tuple = SMALL
-    dtype: torch.dtype = torch.float32
-    cfg: bool = False
-    hist: bool = False
-    saved: bool = False
-    noise: bool = False
-    next_in: bool = False
-    m_scale: bool = False
-    clamp: str = "none"  # "none" | "clip" | "threshold"
-    flag: bool = False
-    wslot: int = -1
-    zeros: float = 0.0  # chance that each term coefficient is exactly zero
-    guidance: float = 4.5
-    seed: int = 0
-
-    def id(self) -> str:
-        on = [f.name for f in dataclasses.fields(self) if f.type == "bool" and getattr(self, f.name)]
-        return "-".join([str(self.dtype).split(".")[-1], "x".join(map(str, self.shape)), *on, self.clamp,
-                         f"w{self.wslot}", f"z{self.zeros}", f"s{self.seed}"])
-
-
-ALL_ON = dict(cfg=True, hist=True, saved=True, noise=True, next_in=True, m_scale=True, clamp="threshold", flag=True,
-              wslot=1)
-
-# Feature sets of the real schedulers (plus the extremes); coefficients are random, so each also tests the math.
-SCHEDULER_LIKE = {
-    "bare": dict(),
-    "euler_cfg": dict(cfg=True, next_in=True),
-    "euler_a": dict(cfg=True, noise=True, next_in=True, flag=True),
-    "ddpm_clip": dict(noise=True, clamp="clip"),
-    "ddim_threshold": dict(cfg=True, clamp="threshold"),
-    "dpm2m": dict(cfg=True, hist=True, wslot=0, next_in=True),
-    "unipc": dict(cfg=True, hist=True, saved=True, wslot=2, next_in=True, flag=True),
-    "rescale": dict(cfg=True, m_scale=True, next_in=True),
-    "lcm": dict(noise=True, next_in=True, clamp="clip"),
-    "all": ALL_ON,
-}
-
-
-def make_row(case: Case, device, gen: torch.Generator) -> torch.Tensor:
-    row = torch.zeros(NCOEF, dtype=torch.float64)
-    row[_TERM_COLS] = torch.rand(len(_TERM_COLS), generator=gen, dtype=torch.float64) * 2 - 1
-    drop = torch.rand(len(_TERM_COLS), generator=gen, dtype=torch.float64) < case.zeros
-    row[[c for c, d in zip(_TERM_COLS, drop.tolist(), strict=True) if d]] = 0.0
-    row[Col.WSLOT] = case.wslot
-    if case.dtype == torch.bfloat16 and torch.device(device).type == "cpu":
-        # The interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest even), so next_in, scaled
-        # from the stored bf16 sample and rounded again, could be 2 bf16 ulps off; a power-of-two scale is exact.
-        row[Col.IN_NEXT] = [0.5, 1.0, 2.0][case.seed % 3]
-    else:
-        row[Col.IN_NEXT] = 0.5 + torch.rand((), generator=gen, dtype=torch.float64)
-    row[Col.NOISE] = float(case.noise)
-    row[Col.STEP] = case.seed % FLAG_LEN
-    return row.float().to(device)
-
-
-def make_inputs(case: Case, device) -> dict:
-    """Keyword arguments of ``fused_step`` (without ``out`` / ``backend``), drawn on CPU then moved."""
-    gen = torch.Generator().manual_seed(case.seed)
-    batch, rest = case.shape[0], tuple(case.shape[1:])
-    m_shape = (2 * batch if case.cfg else batch,) + rest
-
-    def rnd(shape):
-        return torch.randn(shape, generator=gen).to(device=device, dtype=case.dtype)
-
-    kw = dict(model_out=rnd(m_shape), x=rnd(case.shape), coef=make_row(case, device, gen),
-              guidance_scale=case.guidance, cfg=case.cfg)
-    if case.hist:
-        kw["hist"] = rnd((HIST_SLOTS,) + tuple(case.shape))
-    if case.saved:
-        kw["saved"] = rnd(case.shape)
-    if case.noise:
-        kw["noise"] = rnd(case.shape)
-    if case.next_in:
-        kw["next_in"] = poison(torch.empty(m_shape, dtype=case.dtype, device=device))
-    if case.m_scale:
-        kw["m_scale"] = (0.75 + 0.5 * torch.rand(batch, generator=gen)).to(device)
-    if case.clamp == "clip":
-        kw["clip_range"] = 1.0
-    elif case.clamp == "threshold":
-        kw["x0_limit"] = (1.0 + torch.rand(batch, generator=gen)).to(device)
-    if case.flag:
-        flag = torch.zeros(FLAG_LEN, dtype=torch.int32, device=device)
-        flag[(case.seed + 1) % FLAG_LEN] = 1  # an earlier step's raised flag must survive
-        kw["flag"] = flag
-    return kw
-
 
 _MUTATED = ("hist", "saved", "next_in", "flag")
 
@@ -129,13 +40,13 @@ def clone_inputs(kw: dict) -> dict:
 
 
 def run(kw: dict, backend: str, out: torch.Tensor | None = None, copy: bool = True) -> dict:
-    """Run one step (on private copies of the mutated buffers unless ``copy=False``); returns every buffer the step
-    writes."""
+    """Run one step of :func:`tests.step_cases.make_inputs`' arguments (on private copies of the mutated buffers
+    unless ``copy=False``) into ``out`` (default: a fresh NaN-filled buffer); returns every buffer the step writes."""
     if copy:
         kw = clone_inputs(kw)
     if out is None:
         out = poison(torch.empty_like(kw["x"]))
-    result = fused_step(out=out, backend=backend, **kw)
+    result = fused_step(**{**kw, "out": out}, backend=backend)
     assert result is out
     return {"out": out, **{k: kw[k] for k in _MUTATED if kw.get(k) is not None}}
 
@@ -150,27 +61,15 @@ def launch_direct(kw: dict, fn) -> dict:
     return {k: a[k] for k in ("out", *_MUTATED) if a.get(k) is not None}
 
 
-def assert_same(actual: dict, expected: dict, dtype: torch.dtype, what: str = "", nan_ok: bool = False) -> None:
-    """Every written buffer matches; with ``nan_ok``, NaNs must sit at the same places and the rest match."""
+def assert_same(actual: dict, expected: dict, dtype: torch.dtype, what: str = "") -> None:
+    """Every written buffer matches the reference's; NaNs (inputs the step must not read) sit at the same places."""
     assert actual.keys() == expected.keys()
     for name, exp in expected.items():
         act, exp = actual[name].cpu(), exp.cpu()
-        if not exp.is_floating_point():
+        if exp.is_floating_point():
+            assert_close_nan(act, exp, dtype, msg=f"{what} {name}")
+        else:
             assert torch.equal(act, exp), f"{what} {name}: {act.tolist()} != {exp.tolist()}"
-            continue
-        if nan_ok:
-            nan = torch.isnan(exp)
-            assert torch.equal(torch.isnan(act), nan), f"{what} {name}: NaNs at other places than the reference's"
-            act, exp = act[~nan], exp[~nan]
-        assert_close(act, exp, dtype=dtype, msg=f"{what} {name}")
-
-
-def check_case(case: Case, device) -> dict:
-    kw = make_inputs(case, device)
-    expected = run(kw, "torch")
-    actual = run(kw, "triton")
-    assert_same(actual, expected, case.dtype, case.id())
-    return actual
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
@@ -191,10 +90,17 @@ class _StepChecks:
 
     device = "cpu"
 
+    def case(self, **kw) -> StepCase:
+        """A case of :mod:`tests.step_cases`; on CPU (the interpreter truncates fp32 -> bf16) with an exact IN_NEXT."""
+        return StepCase(exact_in_next=self.device == "cpu", **kw)
+
+    def check(self, case: StepCase) -> None:
+        check_case(case, backend="triton", device=self.device)
+
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-    @pytest.mark.parametrize("features", SCHEDULER_LIKE.values(), ids=SCHEDULER_LIKE.keys())
+    @pytest.mark.parametrize("features", FEATURE_SETS.values(), ids=FEATURE_SETS.keys())
     def test_scheduler_like(self, features, dtype):
-        check_case(Case(dtype=dtype, seed=3, **features), self.device)
+        self.check(self.case(dtype=dtype, seed=3, **features))
 
     @pytest.mark.parametrize("seed", range(16))
     def test_random_features_and_zero_coefficients(self, seed):
@@ -202,17 +108,17 @@ class _StepChecks:
         gen = torch.Generator().manual_seed(1000 + seed)
         bits = torch.randint(0, 2, (7,), generator=gen).bool().tolist()
         pick = lambda n: int(torch.randint(0, n, (), generator=gen))
-        case = Case(shape=ODD_SHAPES[pick(len(ODD_SHAPES))], dtype=DTYPES[pick(3)], cfg=bits[0], hist=bits[1],
-                    saved=bits[2], noise=bits[3], next_in=bits[4], m_scale=bits[5], flag=bits[6],
-                    clamp=("none", "clip", "threshold")[pick(3)], wslot=pick(HIST_SLOTS + 1) - 1, zeros=0.4,
-                    guidance=float(torch.rand((), generator=gen)) * 8, seed=seed)
-        check_case(case, self.device)
+        case = self.case(shape=SMALL_SHAPES[pick(len(SMALL_SHAPES))], dtype=DTYPES[pick(3)], cfg=bits[0],
+                         hist=bits[1], saved=bits[2], noise=bits[3], next_in=bits[4], m_scale=bits[5], flag=bits[6],
+                         clamp=("none", "clip", "threshold")[pick(3)], wslot=pick(HIST_SLOTS + 1) - 1, zeros=0.4,
+                         guidance=float(torch.rand((), generator=gen)) * 8, seed=seed)
+        self.check(case)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_zero_coefficient_terms_are_not_read(self, dtype):
         # NaN in every optional input whose coefficients are zero: a kernel that multiplies instead of skipping
         # would turn 0 * NaN into NaN in out / saved and raise the flag.
-        case = Case(dtype=dtype, **{**ALL_ON, "wslot": 0}, seed=7)
+        case = self.case(dtype=dtype, **{**ALL_ON, "wslot": 0}, seed=7)
         kw = make_inputs(case, self.device)
         for col in (Col.ON, Col.OS, Col.SS, Col.OH0 + 1, Col.SH0 + 1, Col.OH0 + 2, Col.SH0 + 2):
             kw["coef"][col] = 0.0
@@ -221,7 +127,7 @@ class _StepChecks:
         kw["hist"][1:].fill_(float("nan"))
         kw["flag"].zero_()
         actual, expected = run(kw, "triton"), run(kw, "torch")
-        assert_same(actual, expected, dtype, nan_ok=True)  # slots 1, 2 are neither read nor written: still NaN
+        assert_same(actual, expected, dtype)  # slots 1, 2 are neither read nor written: still NaN
         assert torch.isfinite(actual["out"]).all() and torch.isfinite(actual["saved"]).all()
         assert torch.isfinite(actual["next_in"]).all() and torch.isfinite(actual["hist"][0]).all()
         assert not actual["flag"].any()
@@ -240,18 +146,18 @@ class _StepChecks:
     @pytest.mark.parametrize("scenario", ONE_ZERO.values(), ids=ONE_ZERO.keys())
     def test_zero_coefficient_term_skipped_per_output(self, scenario, dtype):
         source, col, clean = scenario
-        case = Case(dtype=dtype, **{**ALL_ON, "wslot": 0}, seed=8)
+        case = self.case(dtype=dtype, **{**ALL_ON, "wslot": 0}, seed=8)
         kw = make_inputs(case, self.device)
         kw["coef"][col] = 0.0
         poisoned = kw["hist"][int(source[-1])] if source.startswith("hist") else kw[source]
         poisoned.fill_(float("nan"))
         actual, expected = run(kw, "triton"), run(kw, "torch")
-        assert_same(actual, expected, dtype, nan_ok=True)
+        assert_same(actual, expected, dtype)
         assert torch.isfinite(actual[clean]).all(), f"0 * NaN leaked from {source} into {clean}"
 
     @pytest.mark.parametrize("wslot", [-1, 0, 1, 2])
     def test_history_slot_write(self, wslot):
-        case = Case(cfg=True, hist=True, saved=True, wslot=wslot, dtype=torch.float16, seed=11)
+        case = self.case(cfg=True, hist=True, saved=True, wslot=wslot, dtype=torch.float16, seed=11)
         kw = make_inputs(case, self.device)
         actual = run(kw, "triton")
         assert_same(actual, run(kw, "torch"), case.dtype)
@@ -262,7 +168,7 @@ class _StepChecks:
     @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
     @pytest.mark.parametrize("where", ["model_out", "x", "noise", "none"])
     def test_flag_on_non_finite(self, where):
-        case = Case(cfg=True, noise=True, next_in=True, flag=True, seed=12)
+        case = self.case(cfg=True, noise=True, next_in=True, flag=True, seed=12)
         kw = make_inputs(case, self.device)
         kw["coef"][Col.OM] = 0.5  # make sure the poisoned inputs reach prev
         kw["coef"][Col.OX] = 0.5
@@ -282,12 +188,13 @@ class _StepChecks:
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_noncontiguous_inputs_and_outputs(self, dtype):
-        case = Case(dtype=dtype, **ALL_ON, seed=13)
+        case = self.case(dtype=dtype, **ALL_ON, seed=13)
         kw = make_inputs(case, self.device)
         expected = run(kw, "torch")
         # Fresh views with the same values: transposed (dense) inputs, strided (non-dense) in/out buffers.
         views = {k: (transposed(v) if k in ("model_out", "x", "noise") else noncontiguous(v))
-                 for k, v in kw.items() if k in ("model_out", "x", "noise", "hist", "saved", "next_in")}
+                 for k, v in kw.items() if k in ("model_out", "x", "noise", "hist", "saved", "next_in")
+                 and v is not None}
         assert not any(v.is_contiguous() for v in views.values())
         out = noncontiguous(poison(torch.empty_like(kw["x"])))
         actual = run({**kw, **views}, "triton", out=out, copy=False)
@@ -295,7 +202,7 @@ class _StepChecks:
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_in_place_out_is_x(self, dtype):
-        case = Case(dtype=dtype, **ALL_ON, seed=14)
+        case = self.case(dtype=dtype, **ALL_ON, seed=14)
         kw = make_inputs(case, self.device)
         expected = run(kw, "torch")
         x = kw["x"].clone()
@@ -305,13 +212,13 @@ class _StepChecks:
 
     def test_steps_chain(self):
         # Three DPM-2M-like steps through the same hist / x buffers, in place, as a sampler loop runs them.
-        case = Case(cfg=True, hist=True, next_in=True, flag=True, dtype=torch.float16, seed=15)
+        case = self.case(cfg=True, hist=True, next_in=True, flag=True, dtype=torch.float16, seed=15)
         kw = make_inputs(case, self.device)
         state = {b: {"x": kw["x"].clone(), "hist": kw["hist"].clone(), "flag": kw["flag"].clone()}
                  for b in ("torch", "triton")}
         for i in range(3):
-            coef = make_row(dataclasses.replace(case, wslot=i % HIST_SLOTS, seed=20 + i), self.device,
-                            torch.Generator().manual_seed(i))
+            coef = make_row(dataclasses.replace(case, wslot=i % HIST_SLOTS, seed=20 + i),
+                            torch.Generator().manual_seed(i)).to(self.device)
             for backend, s in state.items():
                 fused_step(kw["model_out"], s["x"], coef, out=s["x"], guidance_scale=case.guidance, cfg=True,
                            hist=s["hist"], flag=s["flag"], backend=backend)
@@ -329,7 +236,7 @@ class TestTritonInterpret(_StepChecks):
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_odd_large_shape(self, dtype):
         # Samples of 23668 elements: blocks straddle sample boundaries (per-sample factors) and the last one is cut.
-        check_case(Case(shape=(3, 4, 97, 61), dtype=dtype, **ALL_ON, seed=21), self.device)
+        self.check(self.case(shape=(3, 4, 97, 61), dtype=dtype, **ALL_ON, seed=21))
 
     @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
     def test_int64_offset_path(self, dtype):
@@ -337,7 +244,7 @@ class TestTritonInterpret(_StepChecks):
         from fastdiff.kernels.triton import step
         from fastdiff.ops.step import step_reference
 
-        kw = make_inputs(Case(dtype=dtype, **ALL_ON, seed=22), self.device)
+        kw = make_inputs(self.case(dtype=dtype, **ALL_ON, seed=22), self.device)
         wide = launch_direct(kw, lambda *a: step._launch(*a, force_wide=True))
         assert_same(wide, launch_direct(kw, step_reference), dtype)
 
@@ -411,23 +318,24 @@ class TestTritonCuda(_StepChecks):
     @pytest.mark.parametrize("shape", [(3, 4, 97, 61), (2, 4, 128, 128), (1, 16, 8, 60, 104), (2, 4, 1024, 1024)],
                              ids=str)
     def test_large_shapes(self, shape, dtype):
-        check_case(Case(shape=shape, dtype=dtype, **ALL_ON, seed=31), self.device)
+        self.check(self.case(shape=shape, dtype=dtype, **ALL_ON, seed=31))
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_int64_offset_path(self, dtype):
         from fastdiff.kernels.triton import step
         from fastdiff.ops.step import step_reference
 
-        kw = make_inputs(Case(shape=(2, 4, 33, 65), dtype=dtype, **ALL_ON, seed=32), self.device)
+        kw = make_inputs(self.case(shape=(2, 4, 33, 65), dtype=dtype, **ALL_ON, seed=32), self.device)
         wide = launch_direct(kw, lambda *a: step._launch(*a, force_wide=True))
         assert_same(wide, launch_direct(kw, step_reference), dtype)
 
     def test_cuda_graph_with_row_selected_on_device(self):
         # The coefficient row is picked by a step counter in device memory; the captured graph replays every step.
-        case = Case(shape=(2, 4, 32, 32), dtype=torch.float16, cfg=True, hist=True, next_in=True, flag=True, seed=33)
+        case = self.case(shape=(2, 4, 32, 32), dtype=torch.float16, cfg=True, hist=True, next_in=True, flag=True,
+                         seed=33)
         kw = make_inputs(case, self.device)
-        table = torch.stack([make_row(dataclasses.replace(case, wslot=i % 2, seed=i), self.device,
-                                      torch.Generator().manual_seed(i)) for i in range(4)])
+        table = torch.stack([make_row(dataclasses.replace(case, wslot=i % 2, seed=i),
+                                      torch.Generator().manual_seed(i)) for i in range(4)]).to(self.device)
         step_idx = torch.zeros(1, dtype=torch.long, device=self.device)
         row = torch.empty(NCOEF, device=self.device)
         bufs = {"x": kw["x"].clone(), "hist": kw["hist"].clone(), "next_in": kw["next_in"].clone(),
