@@ -1,6 +1,6 @@
-"""What the kernel test files (attention, GroupNorm, GEGLU, the steps, optimize) share: the GPU-only class
-decorator, skips for an unbuilt compiled module, a fixture that runs Triton compiled rather than interpreted, and a
-recording ``torch.compile``."""
+"""What the kernel test files (attention, GroupNorm, GEGLU, the steps, optimize) share: the GPU-only and
+interpreter-only class decorators, skips for an unbuilt compiled module, fixtures that run Triton interpreted or
+compiled, the check that a Triton kernel picks its flavour at launch, and a recording ``torch.compile``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,31 @@ def cuda_only(obj):
 def compiled_triton(monkeypatch):
     """Unset TRITON_INTERPRET for the test: Triton kernels are compiled for the GPU, not interpreted."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def interpreted_triton(monkeypatch):
+    """Set TRITON_INTERPRET=1 for the test: Triton kernels run in the interpreter, on CPU tensors."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def interpret_only(cls):
+    """Mark the test class ``triton_interpret`` and run each of its tests under TRITON_INTERPRET=1 (set per test:
+    every kernel is a :class:`~fastdiff.kernels.triton.twin.Twin`, which picks its flavour at launch)."""
+    return pytest.mark.triton_interpret(pytest.mark.usefixtures("interpreted_triton")(cls))
+
+
+def assert_follows_env_at_launch(kernel, monkeypatch) -> None:
+    """``kernel`` (a Twin) is interpreted while TRITON_INTERPRET=1 is set (by the test) and, once it is unset, a
+    compiled ``JITFunction`` of the same Python function, built once."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    assert isinstance(kernel.kernel(), InterpretedFunction)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    compiled = kernel.kernel()
+    assert isinstance(compiled, JITFunction) and compiled.fn is kernel.fn
+    assert kernel.kernel() is compiled  # built once
 
 
 def compile_recording(fn, graphs: list):

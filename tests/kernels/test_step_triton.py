@@ -16,7 +16,7 @@ import torch
 
 from fastdiff.ops import fused_step
 from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
-from tests.kernel_helpers import cuda_only
+from tests.kernel_helpers import assert_follows_env_at_launch, cuda_only, interpret_only
 from tests.step_cases import (
     ALL_ON,
     DTYPES,
@@ -225,13 +225,9 @@ class _StepChecks:
         assert_same(state["triton"], state["torch"], case.dtype, "chain")
 
 
-@pytest.mark.triton_interpret
+@interpret_only
 class TestTritonInterpret(_StepChecks):
     device = "cpu"
-
-    @pytest.fixture(autouse=True)
-    def _interpret(self, monkeypatch):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_odd_large_shape(self, dtype):
@@ -249,16 +245,9 @@ class TestTritonInterpret(_StepChecks):
         assert_same(wide, launch_direct(kw, step_reference), dtype)
 
     def test_kernel_mode_follows_env_at_launch(self, monkeypatch):
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-
         from fastdiff.kernels.triton import step
 
-        assert isinstance(step._fused_step_kernel.kernel(), InterpretedFunction)
-        monkeypatch.delenv("TRITON_INTERPRET")
-        compiled = step._fused_step_kernel.kernel()
-        assert isinstance(compiled, JITFunction) and compiled.fn is step._fused_step_kernel.fn
-        assert step._fused_step_kernel.kernel() is compiled  # built once
+        assert_follows_env_at_launch(step._fused_step_kernel, monkeypatch)
 
     def test_block_config(self):
         from fastdiff.kernels.triton import step

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fastdiff.errors import BackendUnavailable, InvalidInput, UnknownBackend
 from fastdiff.ops.attention import attention
-from tests.kernel_helpers import compile_recording, cuda_only
+from tests.kernel_helpers import assert_follows_env_at_launch, compile_recording, cuda_only, interpret_only
 from tests.tolerances import assert_within_reference_error
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -133,22 +133,14 @@ class _AttentionChecks:
         check(attention(q, k, v, backend="triton"), q, k, v, self.op)
 
 
-@pytest.mark.triton_interpret
+@interpret_only
 class TestTritonInterpret(_AttentionChecks):
     op = "attention_interpret"
 
-    @pytest.fixture(autouse=True)
-    def _interpret(self, monkeypatch):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
     def test_kernel_follows_env_at_launch(self, monkeypatch):
-        from triton.runtime.interpreter import InterpretedFunction
-
         from fastdiff.kernels.triton import attention as kern
 
-        assert isinstance(kern._attn_fwd_kernel.kernel(), InterpretedFunction)
-        monkeypatch.delenv("TRITON_INTERPRET")
-        assert not isinstance(kern._attn_fwd_kernel.kernel(), InterpretedFunction)
+        assert_follows_env_at_launch(kern._attn_fwd_kernel, monkeypatch)
 
     @pytest.mark.parametrize("shift, row_pad, hinted", [(0, 0, True), (1, 0, False), (0, 1, False)],
                              ids=["aligned", "pointer-off-by-one", "token-stride-321"])
