@@ -106,20 +106,24 @@ def test_sampler_specs():
             parse_sampler_spec(bad)
 
 
-def test_bad_profile_files(tmp_path):
+# A profile file's text, and the error it must raise.
+BAD_PROFILES = {
+    "not-toml": ("name = 'x'\n[dims\n", "not valid TOML"),
+    "unknown-key": ("name = 'x'\ncolour = 'red'\n", "unknown keys"),
+    "old-opset": ("name = 'x'\nopset = 13\n", ">= 18"),
+    "opt-below-min": ("name = 'x'\n[dims]\nbatch = { min = 4, opt = 2, max = 8 }\n", "min <= opt <= max"),
+}
+
+
+@pytest.mark.parametrize("text, error", BAD_PROFILES.values(), ids=BAD_PROFILES.keys())
+def test_bad_profile_file(tmp_path, text, error):
     bad = tmp_path / "bad.toml"
-    bad.write_text("name = 'x'\n[dims\n")
-    with pytest.raises(InvalidInput, match="not valid TOML"):
+    bad.write_text(text)
+    with pytest.raises(InvalidInput, match=error):
         load_profile(bad)
-    bad.write_text("name = 'x'\ncolour = 'red'\n")
-    with pytest.raises(InvalidInput, match="unknown keys"):
-        load_profile(bad)
-    bad.write_text("name = 'x'\nopset = 13\n")
-    with pytest.raises(InvalidInput, match=">= 18"):
-        load_profile(bad)
-    bad.write_text("name = 'x'\n[dims]\nbatch = { min = 4, opt = 2, max = 8 }\n")
-    with pytest.raises(InvalidInput, match="min <= opt <= max"):
-        load_profile(bad)
+
+
+def test_unknown_profile_name_lists_the_known_ones():
     with pytest.raises(InvalidInput, match="unknown export profile 'nope'.*digits"):
         load_profile("nope")
 
