@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdiff import _ext
+from fastdiff.kernels.compiled_args import DTYPE_CODES
 from fastdiff.ops import fused_step
 from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
 from tests.tolerances import assert_close
@@ -225,6 +227,19 @@ def _lay_out(kw: dict, layout: str, inplace: bool) -> dict:
     if inplace:
         kw["out"] = kw["x"]
     return kw
+
+
+# ---- compiled modules ----------------------------------------------------------------------------------------
+
+
+def assert_module_constants_match_python(mod) -> None:
+    """A compiled step module (``fastdiff._C_cpu`` / ``_C_cuda``) was built from the Python side's layout: ABI version,
+    coefficient row width and columns, history slots, dtype codes."""
+    assert mod.ABI_VERSION == _ext.ABI_VERSION
+    assert mod.NCOEF == NCOEF and mod.HIST_SLOTS == HIST_SLOTS
+    for name, idx in mod.COLUMNS.items():
+        assert Col[name] == idx, name
+    assert mod.DTYPES == {str(k).removeprefix("torch."): v for k, v in DTYPE_CODES.items()}
 
 
 # ---- comparison ----------------------------------------------------------------------------------------------

@@ -13,12 +13,11 @@ import torch
 
 from fastdiff import _ext
 from fastdiff.errors import InvalidInput
-from fastdiff.kernels.compiled_args import DTYPE_CODES
 from fastdiff.kernels.cpp import step as cpp_step
 from fastdiff.ops import fused_step, resolve
-from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
+from fastdiff.schedulers.plan import NCOEF, Col
 from tests.kernel_helpers import needs_cpu_ext
-from tests.step_cases import CASES, FLAG_LEN, StepCase, check_case, make_inputs
+from tests.step_cases import CASES, FLAG_LEN, StepCase, assert_module_constants_match_python, check_case, make_inputs
 
 pytestmark = [
     pytest.mark.ext,
@@ -32,12 +31,7 @@ def test_cpp_matches_reference(case):
 
 
 def test_module_constants_match_python():
-    mod = _ext.require_cpu()
-    assert mod.ABI_VERSION == _ext.ABI_VERSION
-    assert mod.NCOEF == NCOEF and mod.HIST_SLOTS == HIST_SLOTS
-    for name, idx in mod.COLUMNS.items():
-        assert Col[name] == idx, name
-    assert mod.DTYPES == {str(k).removeprefix("torch."): v for k, v in DTYPE_CODES.items()}
+    assert_module_constants_match_python(_ext.require_cpu())
 
 
 def test_auto_backend_picks_cpp_on_cpu(monkeypatch):

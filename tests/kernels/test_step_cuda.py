@@ -18,11 +18,17 @@ import pytest
 import torch
 
 from fastdiff import _ext
-from fastdiff.kernels.compiled_args import DTYPE_CODES
 from fastdiff.ops import fused_step
-from fastdiff.schedulers.plan import HIST_SLOTS, NCOEF, Col
 from tests.kernel_helpers import needs_cuda_ext
-from tests.step_cases import ALL_ON, CASES, StepCase, assert_close_nan, check_case, make_inputs
+from tests.step_cases import (
+    ALL_ON,
+    CASES,
+    StepCase,
+    assert_close_nan,
+    assert_module_constants_match_python,
+    check_case,
+    make_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_GPU = torch.cuda.is_available()
@@ -110,11 +116,7 @@ def test_cuda_side_stream():
 @module_test
 def test_module_constants_match_python():
     mod = _ext.require_cuda()
-    assert mod.ABI_VERSION == _ext.ABI_VERSION
-    assert mod.NCOEF == NCOEF and mod.HIST_SLOTS == HIST_SLOTS
-    for name, idx in mod.COLUMNS.items():
-        assert Col[name] == idx, name
-    assert mod.DTYPES == {str(k).removeprefix("torch."): v for k, v in DTYPE_CODES.items()}
+    assert_module_constants_match_python(mod)
     assert mod.BUILD_INFO["cuda_runtime"] == mod.runtime_version_built() > 0
 
 
