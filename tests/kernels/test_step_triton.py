@@ -4,7 +4,8 @@ The same checks run twice: under the Triton interpreter on CPU tensors (marker `
 ``TRITON_INTERPRET=1`` it needs is set per test, which works whatever imported triton first, because
 the kernel of :mod:`fastdiff.kernels.triton.step` is a :class:`~fastdiff.kernels.triton.twin.Twin`, which picks
 compiled vs interpreted at launch), and compiled on a GPU (marker ``cuda``,
-skipped without one). Interpreter cases are small: the interpreter costs milliseconds per program.
+skipped without one). Interpreter cases are small: the interpreter costs milliseconds per program. Case type,
+feature sets, inputs and the reference comparison are :mod:`tests.step_cases`' (shared with the C++ and CUDA steps).
 """
 
 from __future__ import annotations
