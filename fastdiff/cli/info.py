@@ -16,6 +16,37 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def tensorrt_extra(cuda_version: str | None) -> str:
+    """The pyproject extra whose TensorRT wheels match a torch built for ``cuda_version`` ("13.0", "12.8", None)."""
+    major = (cuda_version or "").split(".")[0]
+    return "tensorrt-cu12" if major == "12" else "tensorrt"
+
+
+def install_hint(backend: str, reasons: list[str], cuda_version: str | None) -> str:
+    """What to install (or rebuild) so that ``backend`` can run, from why it cannot; empty when installing does not
+    help (e.g. a CUDA kernel asked about the CPU, or a GPU that is too old)."""
+    text = " ".join(reasons)
+    if backend == "triton" and "does not import" in text:
+        return "pip install 'fastdiff[gpu]'"
+    if backend == "onnxruntime" and "not importable" in text:
+        return "pip install 'fastdiff[export]' (CPU) or 'fastdiff[gpu]' (CUDA provider)"
+    if backend == "onnxruntime" and "CUDAExecutionProvider" in text:
+        return "pip uninstall onnxruntime && pip install 'fastdiff[gpu]'"
+    if backend == "tensorrt" and "not importable" in text:
+        return f"pip install 'fastdiff[{tensorrt_extra(cuda_version)}]' (on a machine with an NVIDIA GPU)"
+    if backend in ("cpp", "cuda") and "extension is not built" in text:
+        build = "FASTDIFF_CUDA=1 pip install -e . (with nvcc on PATH)" if backend == "cuda" else "pip install -e ."
+        return f"rebuild the compiled module: {build}"
+    return ""
+
+
+def _state(backend: str, reasons: list[str], cuda_version: str | None) -> str:
+    if not reasons:
+        return "available"
+    hint = install_hint(backend, reasons, cuda_version)
+    return "unavailable: " + "; ".join(reasons) + (f" -> {hint}" if hint else "")
+
+
 def info() -> int:
     import torch
 
@@ -41,21 +72,19 @@ def info() -> int:
     print("step backends (fused scheduler step + CFG):")
     for dev in devices:
         for name, reasons in registry.availability(dev).items():
-            state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
-            print(f"  {dev:7s} {name:7s} {state}")
+            print(f"  {dev:7s} {name:7s} {_state(name, reasons, torch.version.cuda)}")
     print("model-op kernels (fastdiff.optimize: attention, GroupNorm+SiLU, GEGLU; 'auto' = triton on CUDA):")
     for dev in devices:
         for kernel in (b for b in registry.MODEL_OP_BACKENDS if b != "torch"):  # the reference always runs
             ops = ", ".join(op for op in registry.MODEL_OPS if (op, kernel) in registry.TABLE)
             reasons = registry.environment_reasons(kernel, torch.device(dev))
-            state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
-            print(f"  {dev:7s} {kernel:7s} [{ops}] {state}")
+            print(f"  {dev:7s} {kernel:7s} [{ops}] {_state(kernel, reasons, torch.version.cuda)}")
     print("model backends:")
     print("  torch        available")
     from fastdiff.backends.registry import model_backend_reasons
 
     for name, reasons in model_backend_reasons().items():
-        print(f"  {name:12s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
+        print(f"  {name:12s} {_state(name, reasons, torch.version.cuda)}")
     return 0
 
 
