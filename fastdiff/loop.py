@@ -363,9 +363,11 @@ def _run_graphed(cache: GraphCache, runner: ModelRunner, step_backend: str, plan
                  cond: Conditioning, g: float, rescale: float, generator, progress: bool) -> LoopState:
     """Run the loop as one captured step replayed ``num_steps`` times; capture only on a cache miss."""
     entry = resolve(step_backend, latents)
-    key = (id(runner), tuple(latents.shape), latents.dtype, latents.device, entry.name, plan.num_steps,
-           plan.hist_slots, plan.uses_saved, int(plan.noise_steps().sum()), plan.clip_range, plan.thresholding,
-           float(g), float(rescale), _signature(cond))
+    # the network by identity (a pipeline sampler wraps pipe.unet in a new runner per call); the cached state keeps
+    # it alive, so its id is not reused while the entry exists
+    key = (id(getattr(runner, "unet", runner)), tuple(latents.shape), latents.dtype, latents.device, entry.name,
+           plan.num_steps, plan.hist_slots, plan.uses_saved, int(plan.noise_steps().sum()), plan.clip_range,
+           plan.thresholding, float(g), float(rescale), _signature(cond))
     hit = cache.get(key)
     if hit is None:
         state = LoopState(runner, step_backend, plan, latents, _clone_cond(cond), g, rescale, generator, graph=True)
