@@ -139,6 +139,8 @@ def step_fast(
             nxt.copy_(src * k[Col.IN_NEXT])
     if flag is not None:
         step = int(k[Col.STEP])
-        bad = torch.isfinite(prev).all().logical_not().to(flag.dtype)
+        # min and max are both finite iff every element is (they propagate NaN): one reduction, 30 us here where
+        # isfinite(prev).all() took 785 us (4x4x128x128 fp32, 1 thread)
+        bad = torch.isfinite(torch.stack(torch.aminmax(prev))).all().logical_not().to(flag.dtype)
         fv = flag.narrow(0, step, 1)
         torch.maximum(fv, bad, out=fv)
