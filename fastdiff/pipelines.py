@@ -39,7 +39,7 @@ from fastdiff.backends.base import TorchRunner
 from fastdiff.backends.registry import make_runner
 from fastdiff.errors import InvalidInput
 from fastdiff.images import OUTPUT_TYPES
-from fastdiff.loop import check_graph_device, run_loop, split_backend
+from fastdiff.loop import GraphCache, check_graph_device, run_loop, split_backend
 from fastdiff.sample_inputs import Conditioning
 from fastdiff.schedulers import NAMES, Scheduler, StepPlan, from_diffusers, get_scheduler
 
@@ -221,6 +221,7 @@ class PipelineSampler:
             pipe.to(device=device, dtype=dtype)
         self.model_backend, self.step_backend = split_backend(backend, step_backend)
         self.backend, self.cuda_graph, self.label_model = backend, bool(cuda_graph), None
+        self.graph_cache = GraphCache()  # captured steps, reused by later calls with the same shapes and settings
         self._fixed_runner = None
         if self.model_backend != "torch":
             self._fixed_runner = make_runner(pipe.unet, self.model_backend, device, dtype)
@@ -375,7 +376,7 @@ class PipelineSampler:
         pipe._num_timesteps = plan.num_steps
 
         x = run_loop(runner, self.step_backend, plan, latents, cond, g, float(a["guidance_rescale"]), generator,
-                     progress, cuda_graph=self.cuda_graph)
+                     progress, cuda_graph=self.cuda_graph, graph_cache=self.graph_cache)
         images, nsfw = (_decode_sdxl(pipe, x, a["output_type"]) if kind == "sdxl"
                         else _decode_sd(pipe, x, a["output_type"], generator, device, dtype))
         pipe.maybe_free_model_hooks()

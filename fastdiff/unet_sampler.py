@@ -17,7 +17,7 @@ from fastdiff.backends.base import ModelRunner, TorchRunner
 from fastdiff.backends.registry import make_runner
 from fastdiff.errors import InvalidInput
 from fastdiff.images import OUTPUT_TYPES, to_images
-from fastdiff.loop import check_graph_device, run_loop, split_backend
+from fastdiff.loop import GraphCache, check_graph_device, run_loop, split_backend
 from fastdiff.models.label_unet import is_label_model
 from fastdiff.sample_inputs import check_latents, prepare_conditioning
 from fastdiff.schedulers.plan import StepPlan
@@ -82,6 +82,7 @@ class UNetSampler:
             self.scheduler = get_scheduler(scheduler)
         self.backend = backend
         self.cuda_graph = bool(cuda_graph)
+        self.graph_cache = GraphCache()  # captured steps, reused by later calls with the same shapes and settings
         check_graph_device(self.cuda_graph, self.runner.device)
 
     @property
@@ -139,7 +140,7 @@ class UNetSampler:
         else:
             check_latents(latents, shape, runner)
         x = run_loop(runner, self.step_backend, plan, latents, cond, g, guidance_rescale, generator, progress,
-                     cuda_graph=self.cuda_graph)
+                     cuda_graph=self.cuda_graph, graph_cache=self.graph_cache)
         return to_images(x, output_type)
 
 

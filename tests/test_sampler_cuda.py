@@ -30,14 +30,16 @@ def step_backends():
     return [b for b in ("torch", "cuda", "triton") if not availability("cuda")[b]]
 
 
+@pytest.mark.parametrize("gen_device", ["cuda", "cpu"])
 @pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a", "unipc", "ddpm"])
-@pytest.mark.parametrize("backend", step_backends())
-def test_loop_makes_no_host_sync(unet, scheduler, backend):
+@pytest.mark.parametrize("backend", step_backends() + ["torch-fast"])
+def test_loop_makes_no_host_sync(unet, scheduler, backend, gen_device):
+    """Also with a CPU generator: its noise is drawn into pinned memory and copied asynchronously."""
     sampler = fastdiff.Sampler(unet, scheduler=scheduler, backend=backend)
     emb = torch.randn(B, L, D, device="cuda")
     cond = prepare_conditioning(sampler.runner, None, 5.0, emb, None, None, 1, None)
     latents = torch.randn(B, C, H, W, device="cuda")
-    gen = torch.Generator("cuda").manual_seed(0)
+    gen = torch.Generator(gen_device).manual_seed(0)
     state = LoopState(sampler.runner, sampler.step_backend, sampler.plan(6), latents, cond, 5.0, 0.0, gen)
     state.step(0)  # first call: lazy inits (cuBLAS handles, Triton compile) may sync; they are not per-step
     torch.cuda.synchronize()
@@ -62,6 +64,22 @@ def test_graph_replay_equals_eager_bitwise(unet, scheduler, backend):
     graphed = fastdiff.Sampler(unet, scheduler=scheduler, backend=backend, cuda_graph=True).sample(
         generator=torch.Generator("cuda").manual_seed(3), **kw)
     assert torch.equal(eager, graphed), f"max diff {(eager - graphed).abs().max().item()}"
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_graph_is_captured_once_per_sampler(unet, num_steps):
+    """A second call (another seed, other latents and embeddings of the same shapes) replays the cached graph and
+    returns what the eager loop returns; a one-step plan warms up one step only (two would index past its table)."""
+    graphed = fastdiff.Sampler(unet, scheduler="euler_a", cuda_graph=True)
+    eager = fastdiff.Sampler(unet, scheduler="euler_a")
+    for seed in (1, 2):
+        kw = dict(num_inference_steps=num_steps, guidance_scale=4.0, encoder_hidden_states=torch.randn(B, L, D,
+                  device="cuda"), latents=torch.randn(B, C, H, W, device="cuda"), output_type="latent",
+                  progress=False)
+        got = graphed.sample(generator=torch.Generator("cuda").manual_seed(seed), **kw)
+        want = eager.sample(generator=torch.Generator("cuda").manual_seed(seed), **kw)
+        assert graphed.graph_cache.captures == 1
+        assert torch.equal(got, want), f"max diff {(got - want).abs().max().item()}"
 
 
 @pytest.mark.parametrize("backend", step_backends())

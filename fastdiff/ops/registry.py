@@ -2,8 +2,9 @@
 
 Ops: ``"step"`` (the fused sampler step, :mod:`fastdiff.ops.step`), ``"attention"``, ``"group_norm"`` (+ SiLU),
 ``"geglu"``. Backends: ``"torch"`` (the plain-PyTorch reference, defined beside its op), ``"cpp"`` (C++ / OpenMP,
-``fastdiff._C_cpu``), ``"cuda"`` (CUDA C++, ``fastdiff._C_cuda``), ``"triton"``. Each :class:`Entry` of
-:data:`TABLE` carries
+``fastdiff._C_cpu``), ``"cuda"`` (CUDA C++, ``fastdiff._C_cuda``), ``"triton"``, and for the step ``"torch-fast"``
+(in-place PyTorch reading the coefficient row on the host, :mod:`fastdiff.kernels.torch_fast.step`: the fallback
+when no compiled kernel runs). Each :class:`Entry` of :data:`TABLE` carries
 
 - its environment reasons: why the backend cannot run on a device at all (module not built, wrong device, triton
   missing); they depend on the backend only, so ``python -m fastdiff info`` can print them per device;
@@ -15,8 +16,9 @@ Two rules choose an entry, as the two families of ops want:
 
 - the step (:func:`resolve`): a backend named runs or raises :class:`~fastdiff.errors.BackendUnavailable` listing
   every reason; ``"auto"`` takes the first backend of :data:`AUTO_ORDER` for the device with no reasons. Landing
-  on the torch reference after a faster backend failed is a WARNING, said once (no fast kernel runs at all);
-  another fallback is an INFO line, also once.
+  on ``torch-fast`` after a compiled kernel failed is a WARNING, said once (no compiled kernel runs at all);
+  another fallback is an INFO line, also once. ``auto`` never picks the reference: it is the oracle, slower than
+  ``torch-fast`` (and than diffusers' own arithmetic) because it keeps every coefficient on the device.
 - the model ops (:func:`choose`): ``"torch"`` always runs the reference; a kernel named runs or raises (also when
   the op has no such kernel); ``"auto"`` uses Triton only on CUDA tensors it supports and the reference elsewhere,
   logging the first reason once per (op, reason). The C++ and CUDA C++ GroupNorms are chosen by name only (see
@@ -94,7 +96,8 @@ def _triton_environment(device: torch.device) -> list[str]:
 
 
 ENVIRONMENT: dict[str, Callable[[torch.device], list[str]]] = {
-    "torch": _no_reasons, "cpp": _cpp_environment, "cuda": _cuda_environment, "triton": _triton_environment,
+    "torch": _no_reasons, "torch-fast": _no_reasons, "cpp": _cpp_environment, "cuda": _cuda_environment,
+    "triton": _triton_environment,
 }
 
 
@@ -166,11 +169,14 @@ def _geglu_triton_inputs(x: torch.Tensor) -> list[str]:
 class Entry:
     """One kernel: ``op`` on ``backend``. ``name`` is the backend's name (what a caller asked for)."""
 
-    __slots__ = ("op", "backend", "launcher", "_inputs", "_auto", "_launch")
+    __slots__ = ("op", "backend", "launcher", "host_coef", "_inputs", "_auto", "_launch")
 
     def __init__(self, op: str, backend: str, launcher: str, inputs: Callable[..., list[str]] = _no_reasons,
-                 auto: Callable[..., list[str]] | None = None):
+                 auto: Callable[..., list[str]] | None = None, host_coef: bool = False):
         self.op, self.backend, self.launcher = op, backend, launcher
+        # The step launcher takes ``host_coef=`` (the row as host numbers): the loop passes its plan's row, and the
+        # step cannot be captured in a CUDA graph (it would replay the captured step's coefficients).
+        self.host_coef = host_coef
         self._inputs = inputs
         self._auto = auto  # further reasons "auto" prefers the reference although this kernel could run
         self._launch: Callable | None = None
@@ -211,6 +217,7 @@ TABLE: dict[tuple[str, str], Entry] = {(e.op, e.backend): e for e in (
     Entry("step", "cpp", "fastdiff.kernels.cpp.step:launch", _step_inputs),
     Entry("step", "cuda", "fastdiff.kernels.cuda.step:launch", _step_inputs),
     Entry("step", "triton", "fastdiff.kernels.triton.step:launch", _step_inputs),
+    Entry("step", "torch-fast", "fastdiff.kernels.torch_fast.step:step_fast", _step_reference_inputs, host_coef=True),
     Entry("attention", "torch", "fastdiff.ops.attention:attention_reference"),
     Entry("attention", "triton", "fastdiff.kernels.triton.attention:launch", _attention_triton_inputs,
           _attention_auto),
@@ -240,7 +247,8 @@ BACKENDS: dict[str, Entry] = {b: TABLE["step", b] for b in backends("step")}
 #: The kernels each model op has; `python -m fastdiff info` prints it and fastdiff.optimize reports from it.
 OP_KERNELS: dict[str, tuple[str, ...]] = {op: kernels(op) for op in MODEL_OPS}
 MODEL_OP_BACKENDS = tuple(dict.fromkeys(b for op in MODEL_OPS for b in backends(op)))
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch-fast"), "cpu": ("cpp", "torch-fast")}
+PYTORCH_STEPS = ("torch", "torch-fast")  # the step backends that are plain PyTorch (no compiled kernel)
 _logged_fallbacks: set = set()
 _logged: set = set()
 
@@ -267,16 +275,16 @@ def resolve(name: str, x: torch.Tensor) -> Entry:
             raise BackendUnavailable(name, reasons)
         return entry
     tried = []
-    for candidate in AUTO_ORDER.get(x.device.type, ("torch",)):
+    for candidate in AUTO_ORDER.get(x.device.type, ("torch-fast",)):
         entry = BACKENDS[candidate]
         reasons = entry.not_supported_reasons(x)
         if not reasons:
             key = (x.device.type, candidate, tuple(tried))
             if tried and key not in _logged_fallbacks:
                 _logged_fallbacks.add(key)
-                # Landing on the reference means no fast kernel runs at all (e.g. the compiled module is not
+                # Landing on PyTorch means no compiled kernel runs at all (e.g. the compiled module is not
                 # built, or Python imports an uncompiled source tree): say so where users see it, once.
-                slow = candidate == "torch"
+                slow = candidate in PYTORCH_STEPS
                 log.log(logging.WARNING if slow else logging.INFO, "fastdiff: using step backend %r (%s)%s",
                         candidate, "; ".join(tried), "; `python -m fastdiff info` says what can run" if slow else "")
             return entry

@@ -128,7 +128,9 @@ def _check(cond: bool, msg: str) -> None:
         raise InvalidInput(msg)
 
 
-def _validate(model_out, x, coef, out, cfg, hist, saved, noise, next_in, m_scale, x0_limit, flag) -> None:
+def check_step_args(model_out, x, coef, out, cfg, hist, saved, noise, next_in, m_scale, x0_limit, flag) -> None:
+    """Raise :class:`~fastdiff.errors.InvalidInput` unless the step's tensors agree in shape, dtype and device.
+    :func:`fused_step` runs it on every call; the sampling loop, whose buffers are its own, once per loop."""
     batch, rest = x.shape[0], tuple(x.shape[1:])
     want_m = (2 * batch if cfg else batch,) + rest
     _check(x.dim() >= 1 and x.numel() > 0, f"x must be a non-empty (B, ...) tensor, got shape {tuple(x.shape)}")
@@ -196,13 +198,13 @@ def fused_step(
         m_scale: (B,) per-sample factor on the guided output (guidance rescale).
         clip_range / x0_limit: clip x0 to [-r, r], or per-sample dynamic thresholding limits (B,).
         flag: (num_steps,) int32; ``flag[step]`` is set to 1 when the step writes a non-finite value.
-        backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"`` (the reference), ``"torch-fast"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
 
     Returns ``out``. Non-contiguous inputs are copied; non-contiguous outputs are written through a temporary.
     """
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _validate(model_out, x, coef, out, cfg, hist, saved, noise, next_in, m_scale, x0_limit, flag)
+    check_step_args(model_out, x, coef, out, cfg, hist, saved, noise, next_in, m_scale, x0_limit, flag)
     if not (guidance_scale == guidance_scale and abs(guidance_scale) != float("inf")):
         raise InvalidInput(f"guidance_scale must be finite, got {guidance_scale}")
 

@@ -34,14 +34,15 @@ def test_import_fastdiff_without_compiled_modules():
         "from fastdiff.ops import resolve\n"
         "assert not _ext.cpu_available() and not _ext.cuda_available()\n"
         "assert 'ModuleNotFoundError' in _ext.cpu_error(), _ext.cpu_error()\n"
-        "assert resolve('auto', torch.empty(1)).name == 'torch'\n"
-        "assert resolve('auto', torch.empty(2)).name == 'torch'\n"
+        "assert resolve('auto', torch.empty(1)).name == 'torch-fast'\n"
+        "assert resolve('auto', torch.empty(2)).name == 'torch-fast'\n"
         "print('ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
-    # the fall-back to the slow reference is said once, where users see it (stderr), with the reason
-    assert res.stderr.count("using step backend 'torch'") == 1, res.stderr
+    # the fall-back to PyTorch (the fast PyTorch step, not the reference) is said once, where users see it (stderr),
+    # with the reason
+    assert res.stderr.count("using step backend 'torch-fast'") == 1, res.stderr
     assert "cpp: the C++ extension is not built" in res.stderr and "python -m fastdiff info" in res.stderr
 
 
