@@ -117,7 +117,8 @@ def _checksum_path(path: Path) -> Path:
 def _entry_problem(path: Path) -> str | None:
     """Why the cached export ``path`` cannot be trusted, or None when its digest (the ONNX file and its external
     data) is the one recorded after its export. A digest and not a parity run: it catches truncation and any
-    change of a weight for the cost of reading the file once (about a millisecond a megabyte)."""
+    change of a weight for the cost of reading the file once: 4-18 ms for the digits model's 5 MiB file on a loaded
+    2-core CPU, against about a minute for the export it replaces."""
     record = _checksum_path(path)
     if not path.is_file():
         return "the ONNX file is missing"
