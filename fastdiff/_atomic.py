@@ -1,12 +1,20 @@
-"""Atomic file writes, shared by everything fastdiff saves (weights, configs, triplet shards, ONNX reports,
-TensorRT engines and caches): a reader sees the old file or the new one, never a half-written one."""
+"""Atomic file writes, shared by everything fastdiff saves (PNGs, plots, JSON and Markdown results, weights,
+configs, triplet shards, ONNX reports, TensorRT engines and caches): a reader sees the old file or the new one,
+never a half-written one, and of two writers racing for one path one wins whole.
+
+Also :func:`check_writable`, the one check of an output path that every command runs *before* its expensive work,
+so a bad ``--out`` fails in a second instead of after minutes of sampling, evaluation or tracing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
+
+from fastdiff.errors import InvalidInput
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -26,9 +34,82 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (a power cut right after ``os.replace`` could otherwise bring the old
+    directory entry back); not possible on every platform / filesystem, hence best effort."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk``-sized blocks (files can be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _probe(folder: Path) -> str | None:
+    """Why nothing can be created in the existing folder ``folder`` (None: it can). A real temporary file rather
+    than ``os.access``, which says yes to root on a read-only filesystem and ignores ACLs."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastdiff-probe-")
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return None
+
+
+def check_writable(path: str | os.PathLike, kind: str = "file", *, what: str = "--out",
+                   must_exist: bool = False) -> Path:
+    """Check, before any expensive work, that ``path`` can be written; return it as a :class:`Path`.
+
+    ``kind="file"``: a file is written at ``path``; its folder must already exist (commands do not invent
+    folders from a mistyped file name) and ``path`` must not be a folder. ``kind="dir"``: files are written into
+    the folder ``path``; it is created when missing (at publication time, by the caller) unless ``must_exist``, so
+    here its nearest existing ancestor must be a writable folder. Raises :class:`~fastdiff.errors.InvalidInput`
+    naming ``what`` (the option) and what is wrong.
+    """
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
+    p = Path(path).expanduser()
+    if str(path) == "":
+        raise InvalidInput(f"{what} is empty; give a path")
+    if kind == "file":
+        if p.is_dir():
+            raise InvalidInput(f"{what} {str(p)!r} is a folder; give a file path (inside it, for instance)")
+        folder = p.parent
+        if not folder.exists():
+            raise InvalidInput(f"{what}: the folder {str(folder)!r} does not exist; create it or pick another path")
+        if not folder.is_dir():
+            raise InvalidInput(f"{what}: {str(folder)!r} is a file, not a folder, so {str(p)!r} cannot be written")
+    else:
+        if p.exists() and not p.is_dir():
+            raise InvalidInput(f"{what} {str(p)!r} is a file; give a folder path")
+        if must_exist and not p.is_dir():
+            raise InvalidInput(f"{what} {str(p)!r} is not an existing folder; create it or pick another path")
+        folder = p
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise InvalidInput(f"{what}: {str(folder)!r} is a file, not a folder, so {str(p)!r} cannot be created")
+    reason = _probe(folder)
+    if reason is not None:
+        raise InvalidInput(f"{what}: cannot write into the folder {str(folder)!r} ({reason}); pick another path")
+    return p

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from fastdiff._atomic import atomic_write_bytes
 from fastdiff.errors import InvalidInput
 
 OUTPUT_TYPES = ("latent", "pt", "np", "pil")
@@ -34,3 +39,15 @@ def to_images(sample: torch.Tensor, output_type: str):
     if u8.shape[-1] == 1:
         return [Image.fromarray(a[..., 0], mode="L") for a in u8]
     return [Image.fromarray(a, mode="RGB") for a in u8]
+
+
+def save_image(image, path: str | os.PathLike, format: str | None = None, **params) -> Path:
+    """Save a PIL image atomically: encoded in memory, then :func:`fastdiff._atomic.atomic_write_bytes` (PIL's own
+    ``save(path)`` truncates the old file first, so a kill or a second writer leaves a broken one). ``format``
+    defaults to the one the suffix names."""
+    from PIL import Image
+
+    path = Path(path)
+    buf = io.BytesIO()
+    image.save(buf, format=format or Image.registered_extensions().get(path.suffix.lower(), "PNG"), **params)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from fastdiff._atomic import atomic_write_text, check_writable
 from fastdiff.errors import InvalidInput
 
 
@@ -51,13 +51,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_per_class < 2:
         raise InvalidInput(f"--num-per-class must be >= 2 (the FD needs a covariance), got {args.num_per_class}")
+    if args.json:  # checked before the evaluation (minutes), so a bad path cannot lose its results
+        check_writable(args.json, "file", what="--json")
     common = dict(num_per_class=args.num_per_class, seed=args.seed, backend=args.backend)
     if args.sweep:
         from fastdiff.quality.sweep import plot, sweep, write_table
 
-        out = Path(args.out)
-        if not out.is_dir():
-            raise InvalidInput(f"--out {str(out)!r} is not an existing folder")
+        out = check_writable(args.out, "dir", what="--out", must_exist=True)
         results = sweep(args.model, [s.strip() for s in args.schedulers.split(",") if s.strip()],
                         _ints(args.steps_list), guidance_scale=args.guidance,
                         extra=[{"model": m} for m in args.extra_model], **common)
@@ -79,5 +79,5 @@ def run(args: argparse.Namespace) -> int:
               f"per-digit accuracy " + " ".join(f"{k}:{100 * a:.0f}%" for k, a in enumerate(r.per_class_accuracy)))
         print(f"machine: {r.device}")
     if args.json:
-        Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps([r.as_dict() for r in results], indent=1) + "\n")
     return 0

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from fastdiff._atomic import check_writable
 from fastdiff.errors import InvalidInput
+from fastdiff.images import save_image
 
 DEFAULT_OUTPUT = "digits.png"
 
@@ -114,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise InvalidInput(f"--out must be a .png path, got {str(out)!r}")
-    if not out.parent.exists():
-        raise InvalidInput(f"the output folder {str(out.parent)!r} does not exist; create it or pick another path")
+    check_writable(out, "file", what="--out")  # before the model loads and samples, not after
     if args.num_per_label < 1:
         raise InvalidInput(f"--num-per-label must be >= 1, got {args.num_per_label}")
     model = load(args.model, device=args.device)
@@ -123,6 +124,6 @@ def run(args: argparse.Namespace) -> int:
     images, sampler, steps, g = draw(model, labels, args.num_per_label, args.seed, args.scheduler, args.steps,
                                      args.guidance, args.backend, progress=not args.no_progress)
     title = f"{model.name}: {getattr(sampler.scheduler, 'name', '?')} {steps} steps, CFG {g:g}, seed {args.seed}"
-    label_grid(images, labels, args.num_per_label, cell=args.cell, title=title).save(out)
+    save_image(label_grid(images, labels, args.num_per_label, cell=args.cell, title=title), out)
     print(f"wrote {out} ({len(images)} images; {title})")
     return 0

@@ -68,8 +68,10 @@ def run(a: argparse.Namespace) -> int:
             if path is not None:
                 print(f"wrote {spec.num_samples} triplets to {path}")
         else:
+            from fastdiff._atomic import check_writable
             from fastdiff.distill.train import train_student
 
+            check_writable(a.out, "dir", what="--out")  # before the training, not when saving its result
             train_student(a.teacher, a.triplets, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                           seed=a.seed, name=a.name, progress=not a.no_progress, save_every=a.save_every,
                           metadata={"triplets": str(a.triplets)})

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fastdiff._atomic import atomic_write_text
+from fastdiff._atomic import atomic_write_text, check_writable
 from fastdiff.errors import BackendUnavailable, InvalidInput
 from fastdiff.export.profiles import ExportProfile, auto_profile, infer_family, load_profile
 from fastdiff.export.report import ExportReport
@@ -67,6 +67,7 @@ def export_onnx(model: Any, out_dir: str | Path, *, profile: str | ExportProfile
     """
     from fastdiff.export.onnx import export_graph, unet_graph
 
+    out_dir = check_writable(out_dir, "dir", what="the output folder")  # before a trace of seconds to minutes
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     prof = resolve_profile(source.facts, profile, precision=precision, opset=opset, batch=batch, height=height,
                            width=width, tokens=tokens)
@@ -81,7 +82,7 @@ def export_onnx(model: Any, out_dir: str | Path, *, profile: str | ExportProfile
     report = ExportReport(model=source.name, format="onnx", profile=prof.name)
     export_graph(graph, out_dir, filename, external_data=external_data, parity=parity, parity_tol=parity_tol,
                  progress=progress, report=report)
-    atomic_write_text(Path(out_dir) / (filename + ".report.json"), report.to_json())
+    atomic_write_text(out_dir / (filename + ".report.json"), report.to_json())
     return report
 
 
@@ -99,7 +100,7 @@ def export_tensorrt(model: Any, out_dir: str | Path, *, profile: str | ExportPro
     from fastdiff.export import tensorrt as ftrt
     from fastdiff.export._files import publish, staging_dir
 
-    out_dir = Path(out_dir)
+    out_dir = check_writable(out_dir, "dir", what="the output folder")  # before an export or engine build
     requests = {"batch": batch, "height": height, "width": width, "tokens": tokens}
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
         onnx_path = Path(model)

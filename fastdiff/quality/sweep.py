@@ -4,6 +4,7 @@ and a quality-against-time plot (PNG)."""
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fastdiff._atomic import atomic_write_bytes, atomic_write_text
 from fastdiff.quality.evaluate import EvalResult, evaluate, format_table, machine_description
 
 
@@ -67,17 +69,17 @@ def plot(results: list[EvalResult], path: str | os.PathLike, title: str = "") ->
     if results:
         fig.suptitle(title or f"quality vs time (labels: steps) on {results[0].device}", fontsize=9)
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    buf = io.BytesIO()  # rendered in memory, then written atomically (savefig to a path writes in place)
+    try:
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def write_table(results: list[EvalResult], path: str | os.PathLike, note: str = "") -> Path:
     """Markdown table (with machine, judge accuracy and the real-vs-real FD floor) + a JSON twin."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     lines = [format_table(results), ""]
     if results:
         r0 = results[0]
@@ -87,6 +89,6 @@ def write_table(results: list[EvalResult], path: str | os.PathLike, note: str = 
         lines.append(f"Made {datetime.date.today().isoformat()} with torch {torch.__version__}.")
     if note:
         lines.append(note)
-    p.write_text("\n".join(lines) + "\n")
-    p.with_suffix(".json").write_text(json.dumps([r.as_dict() for r in results], indent=1) + "\n")
+    atomic_write_text(p.with_suffix(".json"), json.dumps([r.as_dict() for r in results], indent=1) + "\n")
+    atomic_write_text(p, "\n".join(lines) + "\n")
     return p
