@@ -72,13 +72,13 @@ def info() -> int:
     print("step backends (fused scheduler step + CFG):")
     for dev in devices:
         for name, reasons in registry.availability(dev).items():
-            print(f"  {dev:7s} {name:7s} {_state(name, reasons, torch.version.cuda)}")
+            print(f"  {dev:7s} {name:10s} {_state(name, reasons, torch.version.cuda)}")
     print("model-op kernels (fastdiff.optimize: attention, GroupNorm+SiLU, GEGLU; 'auto' = triton on CUDA):")
     for dev in devices:
         for kernel in (b for b in registry.MODEL_OP_BACKENDS if b != "torch"):  # the reference always runs
             ops = ", ".join(op for op in registry.MODEL_OPS if (op, kernel) in registry.TABLE)
             reasons = registry.environment_reasons(kernel, torch.device(dev))
-            print(f"  {dev:7s} {kernel:7s} [{ops}] {_state(kernel, reasons, torch.version.cuda)}")
+            print(f"  {dev:7s} {kernel:10s} [{ops}] {_state(kernel, reasons, torch.version.cuda)}")
     print("model backends:")
     print("  torch        available")
     from fastdiff.backends.registry import model_backend_reasons
