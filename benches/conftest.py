@@ -19,7 +19,8 @@ import torch
 RESULTS: dict = defaultdict(dict)  # (suite, case) -> {provider: (median_s, extra)}
 # Suites whose goal is set against the best of several competitors rather than the base provider: suite ->
 # (competitors, ours). The table gets a column: the fastest competitor that ran / ours (>= 1.0x meets the goal).
-BEST_OF = {"attention": (("sdpa-flash", "sdpa-cudnn"), "fastdiff")}
+BEST_OF = {"attention": (("sdpa-flash", "sdpa-cudnn"), "fastdiff"),
+           "digits": (("diffusers-compile",), "fastdiff-compile")}
 
 
 def device_name() -> str:

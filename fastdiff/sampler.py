@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from fastdiff.errors import InvalidInput
 from fastdiff.pipelines import PipelineSampler, is_diffusers_pipeline
 from fastdiff.unet_sampler import UNetSampler
 
@@ -47,13 +48,15 @@ class Sampler(ABC):
         device / dtype: where and in what precision to run.
         step_backend: override the step backend when ``backend`` names a model backend.
         cuda_graph: capture one step in a CUDA graph and replay it for every step.
+        compile: run the network ``torch.compile``d (UNet samplers; see :mod:`fastdiff.compiled`), falling back to
+            eager with a warning where it cannot compile.
     """
 
     def __new__(cls, model=None, scheduler=None, backend: str = "auto", device=None, dtype=None,
-                step_backend: str | None = None, cuda_graph: bool = False):
+                step_backend: str | None = None, cuda_graph: bool = False, compile: bool = False):
         # The returned object is not a real instance of cls, so Python does not call __init__ again on it.
-        return sampler_class(model)(model, scheduler=scheduler, backend=backend, device=device, dtype=dtype,
-                                    step_backend=step_backend, cuda_graph=cuda_graph)
+        return _build(model, scheduler=scheduler, backend=backend, device=device, dtype=dtype,
+                      step_backend=step_backend, cuda_graph=cuda_graph, compile=compile)
 
     @abstractmethod
     def sample(self, *args, **kwargs):
@@ -64,12 +67,24 @@ Sampler.register(UNetSampler)
 Sampler.register(PipelineSampler)
 
 
+def _build(model, compile: bool = False, **options):
+    cls = sampler_class(model)
+    if not compile:
+        return cls(model, **options)
+    if cls is PipelineSampler:
+        raise InvalidInput("compile=True is not supported for diffusers pipelines yet; compile pipe.unet with "
+                           "torch.compile before building the sampler instead")
+    return cls(model, compile=True, **options)
+
+
 def sample(model=None, scheduler=None, backend: str = "auto", device=None, dtype=None, cuda_graph: bool = False,
-           **kwargs):
-    """One call to images: ``Sampler(model, scheduler, backend, device, dtype, cuda_graph).sample(**kwargs)``.
+           compile: bool = False, **kwargs):
+    """One call to images: ``Sampler(model, scheduler, backend, device, dtype, cuda_graph, compile=compile)
+    .sample(**kwargs)``.
 
     ``kwargs`` are :meth:`UNetSampler.sample`'s (``num_inference_steps``, ``guidance_scale``,
-    ``encoder_hidden_states``, ``class_labels``, ...) or, for a pipeline, its ``__call__``'s (``prompt``, ...)."""
-    sampler = sampler_class(model)(model, scheduler=scheduler, backend=backend, device=device, dtype=dtype,
-                                   cuda_graph=cuda_graph)
+    ``encoder_hidden_states``, ``class_labels``, ``eta``, ...) or, for a pipeline, its ``__call__``'s
+    (``prompt``, ...)."""
+    sampler = _build(model, scheduler=scheduler, backend=backend, device=device, dtype=dtype, cuda_graph=cuda_graph,
+                     compile=compile)
     return sampler.sample(**kwargs)

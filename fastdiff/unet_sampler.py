@@ -19,6 +19,7 @@ from fastdiff.errors import InvalidInput
 from fastdiff.images import OUTPUT_TYPES, to_images
 from fastdiff.loop import GraphCache, check_graph_device, run_loop, split_backend
 from fastdiff.models.label_unet import is_label_model
+from fastdiff.pipelines import scheduler_with_eta
 from fastdiff.sample_inputs import check_latents, prepare_conditioning
 from fastdiff.schedulers.plan import StepPlan
 
@@ -54,10 +55,15 @@ class UNetSampler:
         step_backend: override the step backend when ``backend`` names a model backend.
         cuda_graph: capture one step (model call + fused step, row / timestep / noise picked on the device from
             a step counter) in a CUDA graph once, and replay it for every step: no host work between steps.
+        compile: run the network ``torch.compile``d (inductor, frozen weights; see :mod:`fastdiff.compiled`),
+            compiled on the first call per input shape and kept on the sampler. Where compilation is unavailable
+            or fails, a :class:`~fastdiff.compiled.CompileWarning` says why and the model runs eagerly.
+            ``compile_seconds`` is the time spent compiling. The weights are frozen into the compiled graph:
+            build a new sampler after changing them.
     """
 
     def __init__(self, model=None, scheduler=None, backend: str = "auto", device=None, dtype=None,
-                 step_backend: str | None = None, cuda_graph: bool = False):
+                 step_backend: str | None = None, cuda_graph: bool = False, compile: bool = False):
         from fastdiff.schedulers import NAMES, get_scheduler
 
         model_backend, self.step_backend = split_backend(backend, step_backend)
@@ -67,6 +73,10 @@ class UNetSampler:
         if isinstance(unet, torch.nn.Module) and (device is not None or dtype is not None):
             (self.label_model or unet).to(device=device, dtype=dtype)
         self.runner = _make_runner(unet, model_backend, device, dtype)
+        if compile:
+            from fastdiff.compiled import CompiledRunner
+
+            self.runner = CompiledRunner(self.runner)
         if self.label_model is None:  # an exported file of a label model carries its label table
             self.label_model = getattr(self.runner, "label_model", None)
         own_config = (getattr(self.label_model, "scheduler_config", None)
@@ -93,10 +103,20 @@ class UNetSampler:
     def dtype(self) -> torch.dtype:
         return self.runner.dtype
 
-    def plan(self, num_inference_steps: int) -> StepPlan:
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling the network so far (``compile=True``; 0.0 otherwise)."""
+        return float(getattr(self.runner, "compile_seconds", 0.0))
+
+    def plan(self, num_inference_steps: int, eta: float | None = None) -> StepPlan:
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise InvalidInput(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        return self.scheduler.plan(num_inference_steps)
+        scheduler = self.scheduler
+        if eta is not None:
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
+                raise InvalidInput(f"eta must be a finite number, got {eta!r}")
+            scheduler = scheduler_with_eta(scheduler, None, eta)
+        return scheduler.plan(num_inference_steps)
 
     @torch.no_grad()
     def sample(
@@ -114,6 +134,7 @@ class UNetSampler:
         num_images_per_prompt: int = 1,
         output_type: str = "pt",
         progress: bool = True,
+        eta: float | None = None,
     ):
         """Run the whole sampling loop. Returns images as ``output_type`` says ("latent": the final (B, C, H, W)
         sample; "pt": (B, C, H, W) in [0, 1]; "np": (B, H, W, C); "pil": a list of PIL images).
@@ -128,7 +149,7 @@ class UNetSampler:
             raise InvalidInput(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
         if output_type not in OUTPUT_TYPES:
             raise InvalidInput(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        plan = self.plan(num_inference_steps)
+        plan = self.plan(num_inference_steps, eta)
         runner = self.runner
         cond = prepare_conditioning(runner, self.label_model, g, encoder_hidden_states,
                                     negative_encoder_hidden_states, class_labels, num_images_per_prompt, latents)

@@ -62,3 +62,31 @@ def test_script_entry_point_is_the_cli():
     import fastdiff.__main__
 
     assert fastdiff.__main__.main is main  # pyproject's `fastdiff = "fastdiff.__main__:main"`
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_device_defaults_to_auto_and_compile_is_a_flag(command):
+    from fastdiff.cli import build_parser
+
+    args = build_parser().parse_args([command])
+    assert args.device == "auto" and args.compile is False
+    assert build_parser().parse_args([command, "--compile", "--device", "cpu"]).compile is True
+
+
+@pytest.mark.parametrize("available,expected", [(True, "cuda"), (False, "cpu")])
+def test_device_auto_is_cuda_when_available_else_cpu(monkeypatch, available, expected):
+    import torch
+
+    from fastdiff.cli import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    assert resolve_device("auto") == expected
+    assert resolve_device(None) == expected
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
+
+
+def test_eval_compile_does_not_combine_with_sweep(capsys):
+    from fastdiff.cli import main
+
+    assert main(["eval", "--sweep", "--compile"]) == 2
+    assert "--compile measures one setting" in capsys.readouterr().err

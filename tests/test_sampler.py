@@ -38,7 +38,7 @@ def unet() -> UNet2DConditionModel:
     return model.eval()
 
 
-def diffusers_loop(unet, sched, n, latents, emb, neg, g, generator, rescale=0.0):
+def diffusers_loop(unet, sched, n, latents, emb, neg, g, generator, rescale=0.0, eta=None):
     """What StableDiffusionPipeline's denoising loop does, minus the text encoder and VAE."""
     sched.set_timesteps(n)
     x = latents * sched.init_noise_sigma
@@ -60,6 +60,8 @@ def diffusers_loop(unet, sched, n, latents, emb, neg, g, generator, rescale=0.0)
                 pred = out
             # As pipelines' prepare_extra_step_kwargs: pass the generator only where step() takes one.
             extra = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
+            if eta is not None and "eta" in inspect.signature(sched.step).parameters:
+                extra["eta"] = eta  # as pipelines pass eta: only to schedulers whose step takes it (DDIM)
             x = sched.step(pred, t, x, return_dict=False, **extra)[0]
     return x
 
@@ -105,6 +107,35 @@ def test_guidance_rescale_matches_diffusers(unet):
                            guidance_rescale=0.7, encoder_hidden_states=emb, latents=latents, output_type="latent",
                            progress=False)
     assert rel_err(ours, ref) <= SCHED_LOOP_RTOL
+
+
+def test_eta_matches_diffusers_ddim(unet):
+    sched = DDIMScheduler()
+    gen = torch.Generator().manual_seed(4)
+    latents = torch.randn(B, C, H, W, generator=gen)
+    emb, neg = torch.randn(B, L, D, generator=gen), torch.randn(B, L, D, generator=gen)
+    ref = diffusers_loop(unet, DDIMScheduler.from_config(sched.config), 6, latents, emb, neg, 3.0,
+                         torch.Generator().manual_seed(9), eta=0.5)
+    sampler = fastdiff.Sampler(unet, scheduler=sched, backend="torch")
+    kwargs = dict(num_inference_steps=6, guidance_scale=3.0, encoder_hidden_states=emb,
+                  negative_encoder_hidden_states=neg, latents=latents, output_type="latent", progress=False)
+    ours = sampler.sample(eta=0.5, generator=torch.Generator().manual_seed(9), **kwargs)
+    assert rel_err(ours, ref) <= SCHED_LOOP_RTOL, f"rel err {rel_err(ours, ref):.2e}"
+    # the eta is for that call: the sampler's scheduler keeps its own (0), which differs from eta=0.5
+    plain = sampler.sample(generator=torch.Generator().manual_seed(9), **kwargs)
+    assert rel_err(plain, ref) > SCHED_LOOP_RTOL
+    torch.testing.assert_close(sampler.sample(eta=0.0, **kwargs), plain)
+
+
+def test_eta_on_a_scheduler_without_eta_is_invalid(unet):
+    emb = torch.randn(1, L, D)
+    kwargs = dict(num_inference_steps=2, encoder_hidden_states=emb, output_type="latent", progress=False)
+    sampler = fastdiff.Sampler(unet, scheduler="dpmpp_2m", backend="torch")
+    with pytest.raises(InvalidInput, match="eta"):
+        sampler.sample(eta=0.5, **kwargs)
+    sampler.sample(eta=0.0, **kwargs)  # zero is what the scheduler does anyway
+    with pytest.raises(InvalidInput, match="eta"):
+        fastdiff.Sampler(unet, scheduler="ddim", backend="torch").sample(eta=float("nan"), **kwargs)
 
 
 def test_generator_draws_latents_like_diffusers(unet):

@@ -27,6 +27,28 @@ from fastdiff.errors import FastDiffError
 COMMANDS = ("sample", "eval", "info", "export", "distill", "train")
 
 
+def resolve_device(device: str | None) -> str:
+    """A ``--device`` value as torch takes it: ``auto`` (every command's default) is ``cuda`` when a CUDA device is
+    available, else ``cpu``; anything else is passed on as given."""
+    if device is None or device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """The shared ``--device`` flag (default ``auto``; see :func:`resolve_device`)."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU; the default), cpu, "
+                        "cuda, cuda:1")
+
+
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    """The shared ``--compile`` flag (``fastdiff.Sampler(..., compile=True)``)."""
+    parser.add_argument("--compile", action="store_true", help="run the network torch.compile'd (compiles on "
+                        "first use: tens of seconds; falls back to eager with a warning where it cannot)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (``error: ...``, exit status 2) instead of the usage block; sub-parsers
     created with ``add_parser`` inherit it."""

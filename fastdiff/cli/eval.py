@@ -12,6 +12,7 @@ import argparse
 import json
 
 from fastdiff._atomic import atomic_write_text, check_writable
+from fastdiff.cli import add_compile_argument, add_device_argument, resolve_device
 from fastdiff.errors import InvalidInput
 
 
@@ -33,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-per-class", type=int, default=100, help="samples per digit (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--device", default=None)
+    add_device_argument(p)
+    add_compile_argument(p)
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
     p.add_argument("--sweep", action="store_true", help="sweep --schedulers x --steps-list")
     p.add_argument("--schedulers", default="dpmpp_2m,ddim,euler,unipc")
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:  # checked before the evaluation (minutes), so a bad path cannot lose its results
         check_writable(args.json, "file", what="--json")
     common = dict(num_per_class=args.num_per_class, seed=args.seed, backend=args.backend)
+    if args.sweep and args.compile:
+        raise InvalidInput("--compile measures one setting; it does not combine with --sweep")
     if args.sweep:
         from fastdiff.quality.sweep import plot, sweep, write_table
 
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
     else:
         r = evaluate(args.model, scheduler=args.scheduler, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, device=args.device, **common)
+                     guidance_scale=args.guidance, device=resolve_device(args.device), compile=args.compile,
+                     **common)
         results = [r]
         print(format_table(results))
         print(f"judge held-out accuracy {100 * r.classifier_accuracy:.1f}%; FD real vs real {r.fd_real_floor:.1f}; "

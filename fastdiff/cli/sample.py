@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fastdiff._atomic import check_writable
+from fastdiff.cli import add_compile_argument, add_device_argument, resolve_device
 from fastdiff.errors import InvalidInput
 from fastdiff.images import save_image
 
@@ -78,7 +79,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's, 20 / 1)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 1.5 / 1)")
     p.add_argument("--backend", default="auto", help="auto, torch, cpp, cuda, triton, onnxruntime, tensorrt")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu)")
+    add_device_argument(p)
+    add_compile_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cell", type=int, default=64, help="pixels per image in the grid")
     p.add_argument("--out", "-o", "--output", dest="out", default=DEFAULT_OUTPUT,
@@ -88,7 +90,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, scheduler: str | None = None,
-         steps: int | None = None, guidance: float | None = None, backend: str = "auto", progress: bool = True):
+         steps: int | None = None, guidance: float | None = None, backend: str = "auto", progress: bool = True,
+         compile: bool = False):
     """Images (PIL, column by column: all of ``labels[0]`` first) and the sampler used.
 
     Image ``j`` of label ``k`` starts from noise seeded by ``(stream_seed(seed, "sample"), k * 10000 + j)``
@@ -99,7 +102,7 @@ def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, schedu
     defaults = getattr(model, "defaults", {}) or {}
     steps = steps if steps is not None else int(defaults.get("num_inference_steps", 20))
     g = guidance if guidance is not None else float(defaults.get("guidance_scale", 1.0))
-    sampler = make_sampler(model, scheduler=scheduler, backend=backend)
+    sampler = make_sampler(model, scheduler=scheduler, backend=backend, compile=compile)
     ids = [lab * 10000 + j for lab in labels for j in range(num_per_label)]
     y = torch.tensor([lab for lab in labels for _ in range(num_per_label)])
     size = model.unet.config.sample_size
@@ -119,11 +122,14 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out, "file", what="--out")  # before the model loads and samples, not after
     if args.num_per_label < 1:
         raise InvalidInput(f"--num-per-label must be >= 1, got {args.num_per_label}")
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=resolve_device(args.device))
     labels = parse_labels(args.labels, model.num_classes)
     images, sampler, steps, g = draw(model, labels, args.num_per_label, args.seed, args.scheduler, args.steps,
-                                     args.guidance, args.backend, progress=not args.no_progress)
+                                     args.guidance, args.backend, progress=not args.no_progress,
+                                     compile=args.compile)
     title = f"{model.name}: {getattr(sampler.scheduler, 'name', '?')} {steps} steps, CFG {g:g}, seed {args.seed}"
     save_image(label_grid(images, labels, args.num_per_label, cell=args.cell, title=title), out)
     print(f"wrote {out} ({len(images)} images; {title})")
+    if args.compile:
+        print(f"compile time {sampler.compile_seconds:.1f} s (included in the run, not in later calls)")
     return 0

@@ -55,14 +55,16 @@ def resolve_scheduler(model, scheduler=None):
     return scheduler
 
 
-def make_sampler(model, scheduler=None, backend: str = "auto", device=None):
-    """A ``fastdiff.Sampler`` for ``model`` (name, path or LabelConditionedUNet); see :func:`resolve_scheduler`."""
+def make_sampler(model, scheduler=None, backend: str = "auto", device=None, compile: bool = False):
+    """A ``fastdiff.Sampler`` for ``model`` (name, path or LabelConditionedUNet); see :func:`resolve_scheduler`.
+    ``compile``: ``Sampler(..., compile=True)``."""
     from fastdiff.models import load
     from fastdiff.sampler import Sampler
 
     if isinstance(model, str):
         model = load(model)
-    return Sampler(model, scheduler=resolve_scheduler(model, scheduler), backend=backend, device=device)
+    return Sampler(model, scheduler=resolve_scheduler(model, scheduler), backend=backend, device=device,
+                   compile=compile)
 
 
 @torch.no_grad()

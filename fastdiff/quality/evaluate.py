@@ -81,11 +81,13 @@ def score(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
 
 def evaluate(model="digits", scheduler=None, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, num_per_class: int = 100, seed: int = 0, backend: str = "auto",
-             device=None, batch_size: int = 500, progress: bool = False) -> EvalResult:
+             device=None, batch_size: int = 500, progress: bool = False, compile: bool = False) -> EvalResult:
     """Measure one setting. ``None`` for scheduler / steps / guidance takes the model's defaults.
 
     Images: ``num_per_class * 10``, sample ``i`` asks for digit ``i % 10`` from noise seeded by
     ``(stream_seed(seed, "eval"), i)`` -- never the noise distillation triplets were made from.
+    ``compile``: ``Sampler(..., compile=True)``; the warm-up then runs a full batch, so that compilation (once per
+    batch shape) is not sampling time.
     """
     from fastdiff.models import load
 
@@ -93,13 +95,14 @@ def evaluate(model="digits", scheduler=None, num_inference_steps: int | None = N
     d = getattr(m, "defaults", {}) or {}
     steps = int(num_inference_steps or d.get("num_inference_steps", 20))
     g = float(guidance_scale if guidance_scale is not None else d.get("guidance_scale", 1.0))
-    sampler = make_sampler(m, scheduler=scheduler, backend=backend, device=device)
+    sampler = make_sampler(m, scheduler=scheduler, backend=backend, device=device, compile=compile)
     n = num_per_class * m.num_classes
     idx = torch.arange(n)
     labels = balanced_labels(idx, m.num_classes)
     size = m.unet.config.sample_size
     noise = make_noise(stream_seed(seed, "eval"), idx, (m.unet.config.in_channels, size, size))
-    generate(sampler, labels[:2], noise[:2], steps, g)  # warm-up: one-time costs are not sampling time
+    warm = min(batch_size, n) if compile else 2
+    generate(sampler, labels[:warm], noise[:warm], steps, g)  # warm-up: one-time costs are not sampling time
     if sampler.device.type == "cuda":
         torch.cuda.synchronize(sampler.device)
     t0 = time.perf_counter()
