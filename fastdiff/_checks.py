@@ -38,12 +38,12 @@ def _int_problem(value, minimum: int | None, maximum: int | None) -> str | None:
     return None
 
 
-def _number_problem(value, minimum: float | None, maximum: float | None) -> str | None:
+def _number_problem(value, minimum: float | None, maximum: float | None, finite: bool = True) -> str | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"must be a number, got {value!r} ({type(value).__name__})"
     v = float(value)
-    if not math.isfinite(v):
-        return f"must be a finite number, got {value!r}"
+    if math.isnan(v) or (finite and math.isinf(v)):
+        return f"must be a {'finite ' if finite else ''}number, got {value!r}"
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
         return f"must be a number{_range_text(minimum, maximum)}, got {value!r}"
     return None
@@ -59,10 +59,10 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
 
 
 def check_number(name: str, value, minimum: float | None = None, maximum: float | None = None,
-                 hint: str = "") -> float:
-    """``value`` as a finite float; raises :class:`InvalidInput` for bools, strings, None, NaN / Inf or a value
-    outside ``[minimum, maximum]``."""
-    problem = _number_problem(value, minimum, maximum)
+                 hint: str = "", finite: bool = True) -> float:
+    """``value`` as a float; raises :class:`InvalidInput` for bools, strings, None, NaN, a value outside
+    ``[minimum, maximum]`` and (unless ``finite=False``) +-Inf."""
+    problem = _number_problem(value, minimum, maximum, finite)
     if problem:
         raise InvalidInput(f"{name} {problem}" + (f"; {hint}" if hint else ""))
     return float(value)
