@@ -78,9 +78,8 @@ def check_device(device, name: str = "device") -> torch.device | None:
                            f"{device!r} ({type(device).__name__})")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise InvalidInput(f"{name} {device!r} is not a device torch knows ({e}); use 'cpu', 'cuda' or "
-                           "'cuda:N'") from None
+    except (RuntimeError, TypeError, ValueError):  # torch's message lists every device type it was built with
+        raise InvalidInput(f"{name} {device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidInput(f"{name} {str(device)!r} needs CUDA, which is not available here (no GPU, or torch "
