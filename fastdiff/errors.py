@@ -58,3 +58,8 @@ class ExportError(FastDiffError, RuntimeError):
 
 class ModelNotFound(InvalidInput):
     """An unknown embedded model name or a path that holds no model."""
+
+
+class ModelConfigError(ModelNotFound):
+    """A model folder's ``config.json`` cannot describe a model: not a JSON object, keys missing, values of the
+    wrong type, or a network too large to build in this machine's memory."""

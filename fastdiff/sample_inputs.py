@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from fastdiff._checks import check_int
 from fastdiff.backends.base import ModelRunner
 from fastdiff.errors import InvalidInput
+
+#: how many offending values an error message lists (a 10-million-label batch must not become the message).
+SHOWN_VALUES = 10
 
 
 @dataclass
@@ -31,6 +36,8 @@ def _check_embeddings(name: str, t: torch.Tensor, runner: ModelRunner) -> None:
         raise InvalidInput(f"{name} must be a torch.Tensor of shape (B, L, D), got {type(t).__name__}")
     if t.dim() != 3:
         raise InvalidInput(f"{name} must have shape (B, L, D) (batch, tokens, width), got {tuple(t.shape)}")
+    if 0 in t.shape:
+        raise InvalidInput(f"{name} has shape {tuple(t.shape)}: the batch, token and width sizes must all be >= 1")
     if runner.cross_attention_dim is not None and t.shape[-1] != runner.cross_attention_dim:
         raise InvalidInput(
             f"{name} has width D={t.shape[-1]} but the model's cross_attention_dim is {runner.cross_attention_dim}; "
@@ -40,6 +47,54 @@ def _check_embeddings(name: str, t: torch.Tensor, runner: ModelRunner) -> None:
         raise InvalidInput(f"{name} is on {t.device} but the model runs on {runner.device}; move it with .to()")
     if t.dtype != runner.dtype:
         raise InvalidInput(f"{name} has dtype {t.dtype} but the model runs in {runner.dtype}; cast it with .to()")
+
+
+def preview(values) -> str:
+    """The first :data:`SHOWN_VALUES` of ``values`` for an error message, with how many more there are."""
+    values = list(values)
+    more = len(values) - SHOWN_VALUES
+    return str(values[:SHOWN_VALUES]) + (f" and {more} more" if more > 0 else "")
+
+
+def check_class_labels(class_labels) -> torch.Tensor:
+    """``class_labels`` (an integer, a list of integers or a 1-D integer tensor / array) as a (B,) int64 tensor.
+
+    Refuses what ``torch.as_tensor(...).long()`` would coerce silently: floats (3.7 would sample a 3), bools
+    (True would sample a 1) and nested lists (flattened into more images than asked for)."""
+    kinds = "an integer, a list of integers or a 1-D integer tensor"
+    if isinstance(class_labels, (list, tuple)):
+        values = [check_int(f"class_labels[{i}]", v, hint=f"class_labels must be {kinds}")
+                  for i, v in enumerate(class_labels)]
+        labels = torch.tensor(values, dtype=torch.long)
+    elif isinstance(class_labels, (torch.Tensor, np.ndarray)):
+        labels = torch.as_tensor(class_labels)
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise InvalidInput(f"class_labels must hold integers, got a tensor of dtype {labels.dtype}; round or "
+                               "convert them explicitly (e.g. .long()) if that is what you mean")
+        if labels.dim() > 1:
+            raise InvalidInput(f"class_labels must be 1-D (one label per image), got shape {tuple(labels.shape)}")
+        labels = labels.reshape(-1).long()
+    else:
+        labels = torch.tensor([check_int("class_labels", class_labels, hint=f"pass {kinds}")], dtype=torch.long)
+    if labels.numel() == 0:
+        raise InvalidInput("class_labels is empty; pass at least one label")
+    return labels
+
+
+def check_generator(generator, batch: int) -> None:
+    """``generator`` is None, a ``torch.Generator`` or a list of ``batch`` of them (one per image)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (list, tuple)):
+        bad = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+        if bad:
+            raise InvalidInput(f"generator list holds {preview(bad)}; every item must be a torch.Generator")
+        if len(generator) != batch:
+            raise InvalidInput(f"generator is a list of {len(generator)} generators but {batch} images are drawn; "
+                               "pass one generator, or one per image")
+        return
+    raise InvalidInput(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list of "
+                       f"them, got {type(generator).__name__}")
 
 
 def prepare_conditioning(
@@ -53,25 +108,25 @@ def prepare_conditioning(
     latents: torch.Tensor | None,
 ) -> Conditioning:
     """Build the (2B or B)-batch conditioning. ``label_model`` is a LabelConditionedUNet (or None)."""
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise InvalidInput(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-    n = num_images_per_prompt
-    labels = None
-    if class_labels is not None:
-        labels = torch.as_tensor(class_labels).reshape(-1).long()
-        if labels.numel() == 0:
-            raise InvalidInput("class_labels is empty; pass at least one label")
+    n = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
+    labels = None if class_labels is None else check_class_labels(class_labels)
+    if label_model is not None and labels is not None and encoder_hidden_states is not None:
+        # Embeddings win in the branch below, so the labels would be dropped without a word.
+        raise InvalidInput("a label-conditioned model was given both class_labels and encoder_hidden_states; pass "
+                           "one of them (labels are turned into embeddings by the model)")
     conditional = runner.cross_attention_dim is not None or runner.needs_class_labels
     cfg = conditional and guidance_scale > 1.0
 
     if label_model is not None and encoder_hidden_states is None:
         if labels is None:
             labels = torch.arange(label_model.num_classes)
-        elif bool(((labels < 0) | (labels >= label_model.num_classes)).any()):
-            raise InvalidInput(
-                f"class_labels must be integers in [0, {label_model.num_classes - 1}], got {labels.tolist()} "
-                f"(label {label_model.null_label} is the null label, used internally for guidance)"
-            )
+        else:
+            bad = labels[(labels < 0) | (labels >= label_model.num_classes)]
+            if bad.numel():
+                raise InvalidInput(
+                    f"class_labels must be integers in [0, {label_model.num_classes - 1}], got {preview(bad.tolist())} "
+                    f"(label {label_model.null_label} is the null label, used internally for guidance)"
+                )
         labels = labels.repeat_interleave(n).to(runner.device)
         cond = label_model.encode_labels(labels).to(runner.dtype)
         uncond = label_model.encode_labels(torch.full_like(labels, label_model.null_label)).to(runner.dtype)

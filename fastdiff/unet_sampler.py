@@ -8,11 +8,10 @@ denoising loop in :mod:`fastdiff.loop`, which the pipeline sampler shares.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from fastdiff._checks import check_device, check_dtype, check_int, check_number
 from fastdiff.backends.base import ModelRunner, TorchRunner
 from fastdiff.backends.registry import make_runner
 from fastdiff.errors import InvalidInput
@@ -20,11 +19,14 @@ from fastdiff.images import OUTPUT_TYPES, to_images
 from fastdiff.loop import GraphCache, check_graph_device, run_loop, split_backend
 from fastdiff.models.label_unet import is_label_model
 from fastdiff.pipelines import scheduler_with_eta
-from fastdiff.sample_inputs import check_latents, prepare_conditioning
+from fastdiff.sample_inputs import check_generator, check_latents, prepare_conditioning
 from fastdiff.schedulers.plan import StepPlan
 
 DEFAULT_MODEL = "digits"
 DEFAULT_SCHEDULER = "dpmpp_2m"
+#: the largest height / width accepted: far beyond any trained model, small enough that a typo (an extra zero or
+#: three) is refused instead of allocating gigabytes of noise.
+MAX_SIDE = 16384
 
 
 def _load_model(model):
@@ -67,6 +69,8 @@ class UNetSampler:
         from fastdiff.schedulers import NAMES, get_scheduler
 
         model_backend, self.step_backend = split_backend(backend, step_backend)
+        # Checked before the model is loaded or moved: torch's own failures come mid-way, as AssertionErrors.
+        device, dtype = check_device(device), check_dtype(dtype)
         model = _load_model(model)
         self.label_model = model if is_label_model(model) else None
         unet = self.label_model.unet if self.label_model is not None else model
@@ -109,13 +113,10 @@ class UNetSampler:
         return float(getattr(self.runner, "compile_seconds", 0.0))
 
     def plan(self, num_inference_steps: int, eta: float | None = None) -> StepPlan:
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise InvalidInput(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        num_inference_steps = check_int("num_inference_steps", num_inference_steps, minimum=1)
         scheduler = self.scheduler
         if eta is not None:
-            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
-                raise InvalidInput(f"eta must be a finite number, got {eta!r}")
-            scheduler = scheduler_with_eta(scheduler, None, eta)
+            scheduler = scheduler_with_eta(scheduler, None, check_number("eta", eta))
         return scheduler.plan(num_inference_steps)
 
     @torch.no_grad()
@@ -142,20 +143,21 @@ class UNetSampler:
         ``latents`` is unit-variance starting noise (scaled by the scheduler's init sigma inside, as diffusers
         does); without it, noise is drawn from ``generator`` with diffusers' ``randn_tensor``. ``height`` /
         ``width`` are the sample's spatial size (pixels for pixel models, latent size for latent UNets)."""
-        g = float(guidance_scale)
-        if not math.isfinite(g):
-            raise InvalidInput(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if not (math.isfinite(float(guidance_rescale)) and 0.0 <= guidance_rescale <= 1.0):
-            raise InvalidInput(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
-        if output_type not in OUTPUT_TYPES:
+        g = check_number("guidance_scale", guidance_scale, hint="e.g. 1.0 (no guidance) to 7.5")
+        guidance_rescale = check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        # `height or size` would turn 0 into the model's size; only None means "the model's size".
+        height, width = (None if v is None else check_int(name, v, 1, MAX_SIDE)
+                         for name, v in (("height", height), ("width", width)))
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise InvalidInput(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         plan = self.plan(num_inference_steps, eta)
         runner = self.runner
         cond = prepare_conditioning(runner, self.label_model, g, encoder_hidden_states,
                                     negative_encoder_hidden_states, class_labels, num_images_per_prompt, latents)
         size = runner.sample_size or 64
-        height, width = height or size, width or size
+        height, width = (size if v is None else v for v in (height, width))
         shape = (cond.batch, runner.in_channels, height, width)
+        check_generator(generator, cond.batch)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=runner.device, dtype=runner.dtype)
         else:

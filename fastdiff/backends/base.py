@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff.errors import InvalidInput
+
 
 class ModelRunner:
     """Base class. Subclasses fill the attributes and implement ``__call__``."""
@@ -39,8 +41,16 @@ class TorchRunner(ModelRunner):
     name = "torch"
 
     def __init__(self, unet: torch.nn.Module):
+        cfg = getattr(unet, "config", None)
+        if not all(hasattr(cfg, k) for k in ("in_channels", "out_channels", "sample_size")) or not any(
+                True for _ in unet.parameters()):
+            # Anything else (an nn.Linear, a classifier) would fail on its first call with an AttributeError or a
+            # shape error that does not name the real problem.
+            raise InvalidInput(
+                f"{type(unet).__name__} is not a diffusion network fastdiff can run: pass a diffusers "
+                "UNet2DConditionModel / UNet2DModel (with a .config holding in_channels, out_channels, sample_size), "
+                "a LabelConditionedUNet, an embedded model name, an exported .onnx / .engine path or a ModelRunner")
         self.unet = unet
-        cfg = unet.config
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.out_channels
         size = cfg.sample_size
@@ -60,6 +70,22 @@ class TorchRunner(ModelRunner):
         if class_labels is not None:
             kwargs["class_labels"] = class_labels
         if self.cross_attention_dim is not None:
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                             **kwargs)[0]
-        return self.unet(sample, timestep, return_dict=False, **kwargs)[0]
+            kwargs["encoder_hidden_states"] = encoder_hidden_states
+        return self._prediction(self.unet(sample, timestep, return_dict=False, **kwargs), sample)
+
+    def _prediction(self, out, sample: torch.Tensor) -> torch.Tensor:
+        """The prediction in what the network returned: diffusers' ``(prediction,)`` with return_dict=False, or a
+        bare tensor. Indexing a bare tensor with [0] would take its first image and fail later with a misleading
+        channel-count message, so the type and shape are checked here (host-side shape reads only, no sync)."""
+        if isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        expected = (sample.shape[0], self.out_channels, *sample.shape[2:])
+        if not isinstance(out, torch.Tensor):
+            what = f"a dict with keys {sorted(map(str, out))[:10]}" if isinstance(out, dict) else type(out).__name__
+            raise InvalidInput(f"the model returned {what}; expected a tensor of shape {expected} (or a tuple whose "
+                               "first item is one, as diffusers UNets return with return_dict=False)")
+        if tuple(out.shape) != expected:
+            raise InvalidInput(f"the model returned a tensor of shape {tuple(out.shape)} for a sample of shape "
+                               f"{tuple(sample.shape)}; expected {expected} (batch, the model's out_channels, "
+                               "height, width)")
+        return out

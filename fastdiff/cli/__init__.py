@@ -39,8 +39,13 @@ def resolve_device(device: str | None) -> str:
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """The shared ``--device`` flag (default ``auto``; see :func:`resolve_device`)."""
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU; the default), cpu, "
-                        "cuda, cuda:1")
+    from fastdiff._checks import cli_device
+
+    def device(text: str) -> str:  # "auto" is resolved later; anything else must be usable here
+        return text if text == "auto" else cli_device(text)
+
+    parser.add_argument("--device", type=device, default="auto", help="auto (CUDA when available, else CPU; the "
+                        "default), cpu, cuda, cuda:1")
 
 
 def add_compile_argument(parser: argparse.ArgumentParser) -> None:

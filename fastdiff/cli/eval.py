@@ -12,15 +12,21 @@ import argparse
 import json
 
 from fastdiff._atomic import atomic_write_text, check_writable
+from fastdiff._checks import cli_int, cli_number
 from fastdiff.cli import add_compile_argument, add_device_argument, resolve_device
 from fastdiff.errors import InvalidInput
 
 
-def _ints(text: str) -> list[int]:
+def _steps_list(text: str) -> list[int]:
+    """``"5,10,20"`` -> [5, 10, 20]; every count >= 1 (a 0 would run the model's default and be labelled 0)."""
+    parse = cli_int(1)
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise InvalidInput(f"expected comma-separated integers, got {text!r}") from None
+        steps = [parse(v) for v in text.split(",") if v.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"each step count {e}") from None
+    if not steps:
+        raise argparse.ArgumentTypeError("give at least one step count, e.g. 5,10,20")
+    return steps
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,17 +35,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits", help="embedded model name or model directory")
     p.add_argument("--scheduler", default=None, help="scheduler name (default: the model's own)")
-    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--num-per-class", type=int, default=100, help="samples per digit (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=cli_int(1), default=None, help="inference steps (default: the model's)")
+    p.add_argument("--guidance", type=cli_number(), default=None, help="CFG scale (default: the model's)")
+    p.add_argument("--num-per-class", type=cli_int(2), default=100,
+                   help="samples per digit, >= 2: the FD needs a covariance (default 100)")
+    p.add_argument("--seed", type=cli_int(None), default=0)
     p.add_argument("--backend", default="auto")
     add_device_argument(p)
     add_compile_argument(p)
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
     p.add_argument("--sweep", action="store_true", help="sweep --schedulers x --steps-list")
     p.add_argument("--schedulers", default="dpmpp_2m,ddim,euler,unipc")
-    p.add_argument("--steps-list", default="5,10,20,50")
+    p.add_argument("--steps-list", type=_steps_list, default="5,10,20,50")
     p.add_argument("--extra-model", action="append", default=[],
                    help="with --sweep: also measure this model at its own settings (e.g. digits-onestep)")
     p.add_argument("--out", "--out-dir", dest="out", default=".",
@@ -51,8 +58,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the measurement(s), print a table; returns the exit status."""
     from fastdiff.quality.evaluate import evaluate, format_table
 
-    if args.num_per_class < 2:
-        raise InvalidInput(f"--num-per-class must be >= 2 (the FD needs a covariance), got {args.num_per_class}")
     if args.json:  # checked before the evaluation (minutes), so a bad path cannot lose its results
         check_writable(args.json, "file", what="--json")
     common = dict(num_per_class=args.num_per_class, seed=args.seed, backend=args.backend)
@@ -63,10 +68,11 @@ def run(args: argparse.Namespace) -> int:
 
         out = check_writable(args.out, "dir", what="--out", must_exist=True)
         results = sweep(args.model, [s.strip() for s in args.schedulers.split(",") if s.strip()],
-                        _ints(args.steps_list), guidance_scale=args.guidance,
+                        args.steps_list, guidance_scale=args.guidance,
                         extra=[{"model": m} for m in args.extra_model], **common)
         command = (f"python -m fastdiff eval --sweep --model {args.model} --schedulers {args.schedulers} "
-                   f"--steps-list {args.steps_list} --num-per-class {args.num_per_class} --seed {args.seed}"
+                   f"--steps-list {','.join(map(str, args.steps_list))} --num-per-class {args.num_per_class} "
+                   f"--seed {args.seed}"
                    + (f" --guidance {args.guidance}" if args.guidance is not None else "")
                    + (f" --backend {args.backend}" if args.backend != "auto" else "")
                    + "".join(f" --extra-model {m}" for m in args.extra_model))

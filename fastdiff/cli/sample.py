@@ -13,31 +13,44 @@ from pathlib import Path
 import torch
 
 from fastdiff._atomic import check_writable
+from fastdiff._checks import cli_int, cli_number
 from fastdiff.cli import add_compile_argument, add_device_argument, resolve_device
 from fastdiff.errors import InvalidInput
 from fastdiff.images import save_image
+from fastdiff.sample_inputs import preview
 
 DEFAULT_OUTPUT = "digits.png"
+#: the largest grid cell: beyond it the PNG grows to gigabytes for no gain (the models draw 16x16).
+MAX_CELL = 1024
 
 
 def parse_labels(text: str | None, num_classes: int) -> list[int]:
-    """``"0,1,7"`` / ``"0-9"`` / ``"3"`` -> a list of ints in [0, num_classes); None -> all classes."""
+    """``"0,1,7"`` / ``"0-9"`` / ``"3"`` -> a list of ints in [0, num_classes); None -> all classes.
+
+    A range's ends are checked before it is expanded, so ``0-9999999`` is refused without building ten million
+    labels (or a message listing them)."""
     if text is None or text.strip() in ("", "all"):
         return list(range(num_classes))
+    valid = f"--labels must be digits in [0, {num_classes - 1}] (e.g. 0-{num_classes - 1} or 3,1,4)"
     out: list[int] = []
     try:
         for part in text.split(","):
             part = part.strip()
             if "-" in part[1:]:
                 a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
-                out.extend(range(int(a), int(b) + 1))
+                lo, hi = int(a), int(b)
+                if not 0 <= lo <= hi < num_classes:
+                    raise InvalidInput(f"{valid}, got the range {part[:40]!r}")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
-    except ValueError:
-        raise InvalidInput(f"--labels must be comma-separated integers or ranges like 0-9, got {text!r}") from None
+    except ValueError as e:
+        if isinstance(e, InvalidInput):
+            raise
+        raise InvalidInput(f"--labels must be comma-separated integers or ranges like 0-9, got {text[:80]!r}") from None
     bad = [v for v in out if not 0 <= v < num_classes]
     if bad or not out:
-        raise InvalidInput(f"--labels must be digits in [0, {num_classes - 1}], got {text!r} (bad: {bad})")
+        raise InvalidInput(f"{valid}, got {text[:80]!r} (bad: {preview(bad)})")
     return out
 
 
@@ -73,16 +86,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits", help="embedded model name (digits, digits-onestep) or model dir")
     p.add_argument("--labels", default=None, help="digits to draw, e.g. 0-9 (default), 3,1,4")
-    p.add_argument("--num-per-label", type=int, default=1, help="images per digit (grid rows)")
+    p.add_argument("--num-per-label", type=cli_int(1), default=1, help="images per digit (grid rows)")
     p.add_argument("--scheduler", default=None, help="dpmpp_2m, ddim, euler, euler_a, unipc, ddpm, lcm, onestep "
                    "(default: the model's own)")
-    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's, 20 / 1)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 1.5 / 1)")
+    p.add_argument("--steps", type=cli_int(1), default=None, help="inference steps (default: the model's, 20 / 1)")
+    p.add_argument("--guidance", type=cli_number(), default=None, help="CFG scale (default: the model's, 1.5 / 1)")
     p.add_argument("--backend", default="auto", help="auto, torch, cpp, cuda, triton, onnxruntime, tensorrt")
     add_device_argument(p)
     add_compile_argument(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cell", type=int, default=64, help="pixels per image in the grid")
+    p.add_argument("--seed", type=cli_int(None), default=0)
+    p.add_argument("--cell", type=cli_int(1, MAX_CELL), default=64, help="pixels per image in the grid")
     p.add_argument("--out", "-o", "--output", dest="out", default=DEFAULT_OUTPUT,
                    help=f"PNG path (default {DEFAULT_OUTPUT})")
     p.add_argument("--no-progress", action="store_true")
@@ -120,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise InvalidInput(f"--out must be a .png path, got {str(out)!r}")
     check_writable(out, "file", what="--out")  # before the model loads and samples, not after
-    if args.num_per_label < 1:
-        raise InvalidInput(f"--num-per-label must be >= 1, got {args.num_per_label}")
     model = load(args.model, device=resolve_device(args.device))
     labels = parse_labels(args.labels, model.num_classes)
     images, sampler, steps, g = draw(model, labels, args.num_per_label, args.seed, args.scheduler, args.steps,

@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from fastdiff._checks import cli_int, cli_number
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``generate`` / ``train`` subcommands to ``p`` (this module's parser, or ``python -m fastdiff
@@ -20,14 +22,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = sub.add_parser("generate", help="teacher (label, noise, image) triplets in resumable shards")
     g.add_argument("--teacher", default="digits", help="embedded model name or model directory")
     g.add_argument("--out", required=True, help="output directory (shards, manifest, merged triplets)")
-    g.add_argument("-n", "--num-samples", type=int, default=10000)
-    g.add_argument("--shard-size", type=int, default=250)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("-n", "--num-samples", type=cli_int(1), default=10000)
+    g.add_argument("--shard-size", type=cli_int(1), default=250)
+    g.add_argument("--seed", type=cli_int(None), default=0)
     g.add_argument("--scheduler", default="dpmpp_2m")
-    g.add_argument("--steps", type=int, default=20, help="teacher sampling steps (>= 20 recommended)")
-    g.add_argument("--guidance", type=float, default=1.5)
+    g.add_argument("--steps", type=cli_int(1), default=20, help="teacher sampling steps (>= 20 recommended)")
+    g.add_argument("--guidance", type=cli_number(), default=1.5)
     g.add_argument("--backend", default="auto")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    g.add_argument("--threads", type=cli_int(1), default=None, help="torch CPU threads per process")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--fail-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: crash after N shards
 
@@ -36,12 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--triplets", required=True, help="triplet directory (or its triplets.safetensors)")
     t.add_argument("--out", required=True, help="student model directory")
     t.add_argument("--name", default=None, help="model name stored in its config (default: <teacher>-onestep)")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-every", type=int, default=0, help="also save the EMA every N steps")
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--steps", type=cli_int(1), default=2000)
+    t.add_argument("--batch-size", type=cli_int(1), default=128)
+    t.add_argument("--lr", type=cli_number(minimum=0.0), default=2e-4)
+    t.add_argument("--seed", type=cli_int(None), default=0)
+    t.add_argument("--save-every", type=cli_int(0), default=0, help="also save the EMA every N steps")
+    t.add_argument("--threads", type=cli_int(1), default=None)
     t.add_argument("--no-progress", action="store_true")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastdiff._checks import check_int
 from fastdiff.errors import InvalidInput
 from fastdiff.exported.specs import DimRange, TensorSpec
 
@@ -28,6 +29,13 @@ METADATA_FORMAT = "1"
 PLAIN_KEYS = ("fastdiff.format", "fastdiff.kind", "fastdiff.model", "fastdiff.family", "fastdiff.precision")
 #: label-embedding tables up to this size are stored in the metadata (base64) for path-based sampling.
 LABEL_TABLE_MAX_BYTES = 8 * 2**20
+#: the longest metadata value read back: the largest label table the exporter writes (base64: 4 chars per 3
+#: bytes) plus room for its JSON fields. A longer value was not written by fastdiff and is not decoded.
+MAX_VALUE_CHARS = LABEL_TABLE_MAX_BYTES * 4 // 3 + 2**16
+#: JSON keys with the type each must hold (fastdiff.inputs / outputs are checked spec by spec).
+_JSON_TYPES = {"fastdiff.dims": dict, "fastdiff.model_config": dict, "fastdiff.scheduler": dict,
+               "fastdiff.defaults": dict, "fastdiff.profile": dict, "fastdiff.labels": dict,
+               "fastdiff.sampler": dict, "fastdiff.versions": dict}
 #: onnxruntime type names of the tensor types a signature read off a foreign file may hold.
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(double)": "float64"}
@@ -44,9 +52,42 @@ def label_table_metadata(label_model: torch.nn.Module) -> str | None:
                        "shape": list(w.shape), "data": base64.b64encode(w.numpy().tobytes()).decode("ascii")})
 
 
+def check_label_table(meta: Any) -> None:
+    """Raise :class:`InvalidInput` unless ``meta`` (the ``fastdiff.labels`` value) is a table the exporter could
+    have written: sizes that agree with each other and with the stored data, within :data:`LABEL_TABLE_MAX_BYTES`."""
+    where = "the file's label table (metadata fastdiff.labels)"
+    if not isinstance(meta, dict):
+        raise InvalidInput(f"{where} must be a JSON object, got {type(meta).__name__}; re-export the model")
+    missing = [k for k in ("num_classes", "null_label", "tokens", "embed_dim", "shape", "data") if k not in meta]
+    if missing:
+        raise InvalidInput(f"{where} lacks {missing}; re-export the model")
+    n = check_int(f"{where}: num_classes", meta["num_classes"], 1)
+    tokens = check_int(f"{where}: tokens", meta["tokens"], 1)
+    width = check_int(f"{where}: embed_dim", meta["embed_dim"], 1)
+    if meta["null_label"] != n:
+        raise InvalidInput(f"{where}: null_label is {meta['null_label']!r} but must be num_classes ({n})")
+    expected = [n + 1, tokens * width]
+    if meta["shape"] != expected:
+        raise InvalidInput(f"{where} has shape {meta['shape']!r} but its sizes declare {expected} "
+                           "(num_classes + 1 rows of tokens * embed_dim); re-export the model")
+    nbytes = expected[0] * expected[1] * 4
+    if nbytes > LABEL_TABLE_MAX_BYTES:
+        raise InvalidInput(f"{where} declares {nbytes} bytes, more than the {LABEL_TABLE_MAX_BYTES} the exporter "
+                           "stores; pass the torch model instead of the file")
+    data = meta["data"]
+    try:
+        raw = base64.b64decode(data, validate=True) if isinstance(data, str) else None
+    except ValueError:
+        raw = None
+    if raw is None or len(raw) != nbytes:
+        got = "is not base64" if raw is None else f"holds {len(raw)} bytes"
+        raise InvalidInput(f"{where}: its data {got}, expected {nbytes} bytes of float32; re-export the model")
+
+
 class LabelTable:
     """``encode_labels`` of a LabelConditionedUNet, rebuilt from the embedding table stored in an exported file's
-    metadata (the sampler uses it when it is given a file instead of the torch model)."""
+    metadata (the sampler uses it when it is given a file instead of the torch model). ``meta`` has passed
+    :func:`check_label_table` (:meth:`GraphInfo.from_metadata` checks it)."""
 
     def __init__(self, meta: dict[str, Any], device: torch.device, dtype: torch.dtype,
                  scheduler_config: dict | None = None, name: str = ""):
@@ -92,16 +133,28 @@ class GraphInfo:
             if session is None:
                 raise InvalidInput("the file has no fastdiff metadata and no session to read its signature from")
             return cls._from_signature(session)
-        j = {k: json.loads(v) for k, v in meta.items() if k.startswith("fastdiff.") and k not in PLAIN_KEYS}
+        j = _read_json_values(meta)
+        facts = j.get("fastdiff.model_config", {})
+        for k in ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "down_factor"):
+            if facts.get(k) is not None:  # the runners size tensors from these
+                check_int(f"metadata fastdiff.model_config {k}", facts[k], 1, hint="re-export the model")
+        if "fastdiff.labels" in j:
+            check_label_table(j["fastdiff.labels"])
+            width = facts.get("cross_attention_dim")
+            if width is not None and j["fastdiff.labels"]["embed_dim"] != width:
+                raise InvalidInput(f"the file's label table has embed_dim {j['fastdiff.labels']['embed_dim']} but "
+                                   f"the model's cross_attention_dim is {width}; re-export the model")
         profile = j.get("fastdiff.profile", {})
-        return cls(kind=meta.get("fastdiff.kind", "unet"),
-                   inputs=[TensorSpec.from_dict(d) for d in j["fastdiff.inputs"]],
-                   outputs=[TensorSpec.from_dict(d) for d in j["fastdiff.outputs"]],
-                   dims={k: DimRange(k, *v) for k, v in j.get("fastdiff.dims", {}).items()},
-                   facts=j.get("fastdiff.model_config", {}), scheduler=j.get("fastdiff.scheduler", {}),
-                   defaults=j.get("fastdiff.defaults", {}), labels=j.get("fastdiff.labels"),
-                   sampler=j.get("fastdiff.sampler"), profile=profile, model=meta.get("fastdiff.model", ""),
-                   latent_scale=int(profile.get("latent_scale", 1)))
+        try:
+            return cls(kind=meta.get("fastdiff.kind", "unet"),
+                       inputs=_specs(j, "fastdiff.inputs"), outputs=_specs(j, "fastdiff.outputs"),
+                       dims={k: DimRange(k, *v) for k, v in j.get("fastdiff.dims", {}).items()},
+                       facts=facts, scheduler=j.get("fastdiff.scheduler", {}),
+                       defaults=j.get("fastdiff.defaults", {}), labels=j.get("fastdiff.labels"),
+                       sampler=j.get("fastdiff.sampler"), profile=profile, model=meta.get("fastdiff.model", ""),
+                       latent_scale=check_int("fastdiff.profile latent_scale", profile.get("latent_scale", 1), 1))
+        except (TypeError, ValueError) as e:  # DimRange's own checks, a dims value that is not a list
+            raise InvalidInput(f"the file's fastdiff metadata is malformed ({e}); re-export the model") from e
 
     @classmethod
     def _from_signature(cls, session) -> GraphInfo:
@@ -125,6 +178,36 @@ class GraphInfo:
                  "cross_attention_dim": ehs.dims[-1] if ehs is not None and isinstance(ehs.dims[-1], int) else None,
                  "class_embeddings": "class_labels" in names}
         return cls(kind="unet", inputs=inputs, outputs=outputs, facts=facts)
+
+
+def _read_json_values(meta: dict[str, str]) -> dict[str, Any]:
+    """The JSON ``fastdiff.*`` values, each checked for length (before decoding) and type."""
+    out = {}
+    for k, v in meta.items():
+        if not k.startswith("fastdiff.") or k in PLAIN_KEYS:
+            continue
+        if len(v) > MAX_VALUE_CHARS:
+            raise InvalidInput(f"metadata {k} is {len(v)} characters long, more than the {MAX_VALUE_CHARS} fastdiff "
+                               "writes; the file was not exported by fastdiff (or was altered)")
+        try:
+            out[k] = json.loads(v)
+        except ValueError as e:
+            raise InvalidInput(f"metadata {k} is not valid JSON ({e}); re-export the model") from None
+        kind = _JSON_TYPES.get(k, list if k in ("fastdiff.inputs", "fastdiff.outputs") else None)
+        if kind is not None and not isinstance(out[k], kind):
+            raise InvalidInput(f"metadata {k} must be a JSON {'object' if kind is dict else 'list'}, got "
+                               f"{type(out[k]).__name__}; re-export the model")
+    return out
+
+
+def _specs(j: dict[str, Any], key: str) -> list[TensorSpec]:
+    if key not in j:
+        raise InvalidInput(f"the file's fastdiff metadata lacks {key}; re-export the model")
+    try:
+        return [TensorSpec.from_dict(d) for d in j[key]]
+    except (KeyError, TypeError) as e:
+        raise InvalidInput(f"metadata {key} holds a tensor spec without name / dtype / dims ({e!r}); re-export "
+                           "the model") from None
 
 
 def read_graph_info(session) -> GraphInfo:

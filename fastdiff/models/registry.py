@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from fastdiff._atomic import atomic_write_bytes
-from fastdiff.errors import ModelNotFound
+from fastdiff._checks import check_int
+from fastdiff.errors import InvalidInput, ModelConfigError, ModelNotFound
 from fastdiff.models.label_unet import LabelConditionedUNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -27,6 +28,12 @@ EMBEDDED: dict[str, str] = {
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "fastdiff.label_conditioned_unet"
+#: UNet config keys a model folder must state: diffusers' defaults for missing ones describe Stable Diffusion's
+#: 860M-parameter UNet, which would be built (gigabytes) before the weights fail to match.
+REQUIRED_UNET_KEYS = ("in_channels", "out_channels", "sample_size", "block_out_channels", "layers_per_block",
+                      "cross_attention_dim", "down_block_types", "up_block_types")
+#: the largest network a model folder may describe, whatever the memory: above SDXL's 2.6B-parameter UNet.
+MAX_PARAMETERS = 5_000_000_000
 
 
 def available_models() -> dict[str, str]:
@@ -68,12 +75,93 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def read_config(name_or_path: str | os.PathLike) -> dict:
-    """The ``config.json`` of a model (see the module docstring)."""
+    """The ``config.json`` of a model (see the module docstring); it must be a JSON object."""
     d = resolve(name_or_path)
     try:
-        return json.loads((d / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads((d / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON and bad UTF-8 alike
         raise ModelNotFound(f"cannot read {d / CONFIG_NAME}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ModelConfigError(f"{d / CONFIG_NAME} must hold a JSON object, it holds a {type(cfg).__name__}; "
+                               "rewrite it with fastdiff.models.save")
+    return cfg
+
+
+def estimate_parameters(unet_cfg: dict) -> int:
+    """About how many parameters ``UNet2DConditionModel.from_config(unet_cfg)`` builds (within ~20%), from the
+    channel widths, layers and cross-attention width alone, so a config can be refused before it is built."""
+    widths = [int(c) for c in unet_cfg["block_out_channels"]]
+    layers = unet_cfg["layers_per_block"]
+    layers = [int(n) for n in layers] if isinstance(layers, (list, tuple)) else [int(layers)] * len(widths)
+    cross = unet_cfg["cross_attention_dim"]
+    cross = int(cross[0] if isinstance(cross, (list, tuple)) else cross)
+    attn = ["Attn" in str(t) for t in unet_cfg["down_block_types"]]
+    # resnet: two 3x3 convolutions (18 c^2); an up block's resnets read the skip concatenation (27 c^2); a
+    # transformer: self- and cross-attention, GEGLU feed-forward and projections (~20 c^2 + 2 c D)
+    total = 0
+    for c, n, a in zip(widths, layers, attn, strict=True):
+        total += n * 18 * c * c + (n + 1) * 27 * c * c + (2 * n + 1) * a * (20 * c * c + 2 * c * cross)
+    c = widths[-1]
+    return total + 2 * 18 * c * c + 20 * c * c + 2 * c * cross
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform names these
+        return None
+
+
+def check_config(cfg: dict, where: str) -> None:
+    """Refuse a model config that cannot describe a label-conditioned UNet, naming the key and what it should be;
+    a network larger than :data:`MAX_PARAMETERS` or than this machine's memory is refused before it is built."""
+    def bad(msg: str) -> ModelConfigError:
+        return ModelConfigError(f"{where}: {msg}; rewrite it with fastdiff.models.save")
+
+    if cfg.get("format") != FORMAT:
+        raise ModelConfigError(f"{where} is not a fastdiff model config (format {cfg.get('format')!r}, expected "
+                               f"{FORMAT!r})")
+    missing = [k for k in ("unet", "num_classes") if k not in cfg]
+    if missing:
+        raise bad(f"lacks the key(s) {missing}")
+    unet = cfg["unet"]
+    if not isinstance(unet, dict):
+        raise bad(f"'unet' must be an object (the UNet2DConditionModel config), got {type(unet).__name__}")
+    missing = [k for k in REQUIRED_UNET_KEYS if k not in unet]
+    if missing:
+        raise bad(f"'unet' lacks the key(s) {missing}")
+    try:
+        check_int("num_classes", cfg["num_classes"], 1, 2**20)
+        check_int("tokens", cfg.get("tokens", 1), 1, 4096)
+        for k in ("in_channels", "out_channels", "sample_size", "cross_attention_dim"):
+            check_int(f"unet.{k}", unet[k], 1)
+        widths, layers = unet["block_out_channels"], unet["layers_per_block"]
+        if not isinstance(widths, list) or not widths:
+            raise InvalidInput(f"unet.block_out_channels must be a non-empty list of integers, got {widths!r}")
+        for i, c in enumerate(widths):
+            check_int(f"unet.block_out_channels[{i}]", c, 1)
+        if isinstance(layers, list) and len(layers) != len(widths):
+            raise InvalidInput(f"unet.layers_per_block must be an integer or a list of {len(widths)}, got {layers!r}")
+        for i, n in enumerate(layers if isinstance(layers, list) else [layers]):
+            check_int(f"unet.layers_per_block[{i}]" if isinstance(layers, list) else "unet.layers_per_block", n, 1)
+        for k in ("down_block_types", "up_block_types"):
+            v = unet[k]
+            if not isinstance(v, list) or len(v) != len(widths) or not all(isinstance(t, str) for t in v):
+                raise InvalidInput(f"unet.{k} must be a list of {len(widths)} block names (one per "
+                                   f"block_out_channels entry), got {v!r}")
+    except InvalidInput as e:
+        raise bad(str(e)) from None
+    for k, kind in (("scheduler", dict), ("defaults", dict), ("name", str)):
+        if cfg.get(k) is not None and not isinstance(cfg[k], kind):
+            raise bad(f"{k!r} must be a {'JSON object' if kind is dict else 'string'}, got {type(cfg[k]).__name__}")
+    params = estimate_parameters(unet)
+    memory = _memory_bytes()
+    # float32 weights, built once and loaded once (the safetensors copy): ~8 bytes per parameter at the peak
+    limit = min(MAX_PARAMETERS, memory // 8) if memory else MAX_PARAMETERS
+    if params > limit:
+        raise bad(f"its UNet (block_out_channels {unet['block_out_channels']}) would have about {params / 1e9:.1f}B "
+                  f"parameters ({params * 4 / 2**30:.0f} GiB in float32), more than the {limit / 1e9:.1f}B this "
+                  "machine can build" + (f" ({memory / 2**30:.0f} GiB of memory)" if memory else ""))
 
 
 def load(name_or_path: str | os.PathLike, device: torch.device | str | None = None,
@@ -90,21 +178,27 @@ def load(name_or_path: str | os.PathLike, device: torch.device | str | None = No
 
     d = resolve(name_or_path)
     cfg = read_config(d)
-    if cfg.get("format") != FORMAT:
-        raise ModelNotFound(f"{d / CONFIG_NAME} is not a fastdiff model config (format {cfg.get('format')!r})")
-    unet = UNet2DConditionModel.from_config(cfg["unet"])
+    check_config(cfg, str(d / CONFIG_NAME))
+    try:
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # diffusers' own config checks
+        raise ModelConfigError(f"{d / CONFIG_NAME}: its 'unet' config does not build a UNet2DConditionModel "
+                               f"({type(e).__name__}: {e})") from e
     model = LabelConditionedUNet(unet, int(cfg["num_classes"]), tokens=int(cfg.get("tokens", 1)),
-                                 scheduler_config=cfg.get("scheduler"), name=cfg.get("name", d.name))
+                                 scheduler_config=cfg.get("scheduler"), name=cfg.get("name") or d.name)
     try:
         state = load_file(str(d / WEIGHTS_NAME))
     except Exception as e:  # safetensors raises several types for corrupt files
         raise ModelNotFound(f"cannot read weights {d / WEIGHTS_NAME}: {e}") from e
     state = {k: v.float() for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of the wrong size: strict=False does not cover those
+        raise ModelNotFound(f"weights {d / WEIGHTS_NAME} do not match the config: {str(e)[:500]}") from e
     if missing or unexpected:
         raise ModelNotFound(f"weights {d / WEIGHTS_NAME} do not match the config: missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}")
-    model.defaults = dict(cfg.get("defaults", {}))
+    model.defaults = dict(cfg.get("defaults") or {})
     model.model_config = cfg
     model.eval().requires_grad_(False)
     if device is not None or dtype is not None:

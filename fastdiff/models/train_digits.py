@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastdiff._checks import cli_int, cli_number
 from fastdiff.models import digits
 from fastdiff.models.registry import WEIGHTS_DIR, save
 
@@ -122,13 +123,13 @@ def train(steps: int = 2500, batch_size: int = 128, lr: float = 1e-3, seed: int 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This trainer's options (its own parser's, and ``python -m fastdiff train digits``'s)."""
-    p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--steps", type=cli_int(1), default=2500)
+    p.add_argument("--batch-size", type=cli_int(1), default=128)
+    p.add_argument("--lr", type=cli_number(minimum=0.0), default=1e-3)
+    p.add_argument("--seed", type=cli_int(None), default=0)
+    p.add_argument("--label-dropout", type=cli_number(0.0, 1.0), default=0.1)
+    p.add_argument("--ema-decay", type=cli_number(0.0, 1.0), default=0.999)
+    p.add_argument("--threads", type=cli_int(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output directory (default: the package's weights/digits)")
     p.add_argument("--no-progress", action="store_true")
 

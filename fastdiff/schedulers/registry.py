@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fastdiff._checks import check_int, check_number
 from fastdiff.errors import InvalidInput, UnknownScheduler
 from fastdiff.schedulers.base import Scheduler
 from fastdiff.schedulers.ddim import DDIM
@@ -58,6 +59,42 @@ def _filter(cls: type[Scheduler], config: dict) -> dict:
     return {k: v for k, v in config.items() if k in _known_keys(cls)}
 
 
+def _check_values(cls: type[Scheduler], config: dict) -> None:
+    """Each value of a key ``cls`` knows has its default's type: a number where a number is expected (``"0.1"``
+    or ``true`` as beta_start would fail deep in the noise-schedule math), a bool, a string or a list. Keys whose
+    default is None (``trained_betas``, ``sigma_min``) take several types and are left to the scheduler."""
+    for key, value in config.items():
+        default = cls.DEFAULTS.get(key)
+        name, hint = f"scheduler config {key!r}", "fix it in the config (or the keyword override)"
+        if default is None:
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise InvalidInput(f"{name} must be true or false, got {value!r}; {hint}")
+        elif isinstance(default, int):
+            check_int(name, value, hint=hint)
+        elif isinstance(default, float):
+            check_number(name, value, hint=hint, finite=False)
+        elif not isinstance(value, type(default)):
+            raise InvalidInput(f"{name} must be a {type(default).__name__}, got {value!r} ({type(value).__name__}); "
+                               f"{hint}")
+
+
+def _make(cls: type[Scheduler], config: dict, overrides: dict, name: str | None = None) -> Scheduler:
+    """``cls(config, **overrides)`` with every value type-checked. The scheduler's own checks speak first (they
+    know the ranges, e.g. "eta must be a number in [0, 1]"); a value they let through or choke on untyped is
+    then named by :func:`_check_values`."""
+    try:
+        scheduler = cls(config, name=name, **overrides) if name is not None else cls(config, **overrides)
+    except InvalidInput:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError):
+        _check_values(cls, {**config, **overrides})
+        raise
+    _check_values(cls, {**config, **overrides})
+    return scheduler
+
+
 def _load_config(source: Any, class_name: str | None = None) -> tuple[dict, str | None]:
     """(config dict, diffusers class name or None) from a diffusers scheduler object, a config dict, or a path to
     a scheduler_config.json / a folder holding one (or a ``scheduler/`` subfolder with one)."""
@@ -74,6 +111,9 @@ def _load_config(source: Any, class_name: str | None = None) -> tuple[dict, str 
             config = json.loads(found.read_text())
         except (OSError, ValueError) as e:
             raise InvalidInput(f"cannot read scheduler config {str(found)!r}: {e}") from e
+        if not isinstance(config, dict):
+            raise InvalidInput(f"scheduler config {str(found)!r} must hold a JSON object (a diffusers "
+                               f"scheduler_config.json), it holds a {type(config).__name__}")
         return config, class_name or config.get("_class_name")
     if isinstance(source, dict):
         return dict(source), class_name or source.get("_class_name")
@@ -110,7 +150,7 @@ def from_diffusers(source: Any, class_name: str | None = None, **overrides: Any)
         raise UnknownScheduler(
             f"diffusers scheduler {cls_name!r} is not supported; {_supported_text()}. To sample with a supported "
             "scheduler and this model's noise schedule, use get_scheduler('<name>', config=<this config>).")
-    return cls(_filter(cls, config), **overrides)
+    return _make(cls, _filter(cls, config), overrides)
 
 
 def get_scheduler(spec: Any, config: Any = None, **overrides: Any) -> Scheduler:
@@ -137,7 +177,7 @@ def get_scheduler(spec: Any, config: Any = None, **overrides: Any) -> Scheduler:
             # like diffusers' from_config: keys the source only had at its class default are not carried over
             defaulted = set(loaded.get("_use_default_values", []))
             base = {k: v for k, v in _filter(cls, loaded).items() if k not in defaulted}
-        return cls({**base, **preset}, name=spec, **overrides)
+        return _make(cls, {**base, **preset}, overrides, name=spec)
     if isinstance(spec, str) and not (os.sep in spec or spec.endswith(".json") or os.path.exists(spec)):
         raise UnknownScheduler(f"unknown scheduler {spec!r}; choose one of: {', '.join(NAMES)} (or pass a diffusers "
                                "scheduler, its config dict or a path to scheduler_config.json)")
