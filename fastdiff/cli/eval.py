@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from fastdiff._atomic import atomic_write_text, check_writable
 from fastdiff._checks import cli_int, cli_number
@@ -77,9 +78,15 @@ def run(args: argparse.Namespace) -> int:
                    + (f" --backend {args.backend}" if args.backend != "auto" else "")
                    + "".join(f" --extra-model {m}" for m in args.extra_model))
         write_table(results, out / "sweep.md", note=f"Command: `{command}`.")
-        plot(results, out / "sweep.png")
         print(format_table(results))
-        print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:  # the table is the result; the plot is a view of it
+            print(f"wrote {out / 'sweep.md'} and {out / 'sweep.json'}; skipped the plot: matplotlib is not installed "
+                  "(pip install 'fastdiff[digits]')", file=sys.stderr)
+        else:
+            plot(results, out / "sweep.png")
+            print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'sweep.png'}")
     else:
         r = evaluate(args.model, scheduler=args.scheduler, num_inference_steps=args.steps,
                      guidance_scale=args.guidance, device=resolve_device(args.device), compile=args.compile,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from fastdiff._checks import check_int
 from fastdiff.models import digits
 from fastdiff.models.generate import balanced_labels, generate, make_noise, make_sampler, stream_seed
 from fastdiff.quality.classifier import predict, train_classifier
@@ -93,7 +94,9 @@ def evaluate(model="digits", scheduler=None, num_inference_steps: int | None = N
 
     m = load(model) if isinstance(model, str) else model
     d = getattr(m, "defaults", {}) or {}
-    steps = int(num_inference_steps or d.get("num_inference_steps", 20))
+    # ``None`` means the model's default; 0 is an error, not "the default" (it used to run 20 steps labelled 0)
+    steps = (int(d.get("num_inference_steps", 20)) if num_inference_steps is None
+             else check_int("num_inference_steps", num_inference_steps, minimum=1))
     g = float(guidance_scale if guidance_scale is not None else d.get("guidance_scale", 1.0))
     sampler = make_sampler(m, scheduler=scheduler, backend=backend, device=device, compile=compile)
     n = num_per_class * m.num_classes

@@ -93,3 +93,23 @@ def test_cli_eval(tiny_dir, tmp_path, capsys):
     assert cli(["eval", "--model", str(tiny_dir), "--sweep", "--out", str(tmp_path / "missing")]) == 2
     assert cli(["eval", "--model", "nope"]) == 2
     assert "'digits'" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_zero_steps(tiny_dir):
+    from fastdiff.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="num_inference_steps"):  # 0 used to run the default 20, labelled 0
+        evaluate(str(tiny_dir), num_inference_steps=0, num_per_class=2)
+
+
+def test_cli_sweep_without_matplotlib_writes_the_table(tiny_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert cli(["eval", "--model", str(tiny_dir), "--sweep", "--schedulers", "ddim", "--steps-list", "1",
+                "--num-per-class", "2", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "sweep.md").exists() and (tmp_path / "sweep.json").exists()
+    assert not (tmp_path / "sweep.png").exists()
+    assert "skipped the plot: matplotlib is not installed" in capsys.readouterr().err
