@@ -107,36 +107,32 @@ def check_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
     return dtype
 
 
-def cli_int(minimum: int | None = 1, maximum: int | None = None):
-    """An argparse ``type`` for an integer flag in ``[minimum, maximum]`` (argparse prints the one-line error)."""
-    def parse(text: str) -> int:
+def _cli_type(convert, kind: str, problem):
+    """An argparse ``type``: ``convert(text)`` (ValueError: not a {kind}), then ``problem(value)`` (a message, or
+    empty when the value is fine). argparse turns ArgumentTypeError into its one-line error."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        problem = _int_problem(value, minimum, maximum)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
+            raise argparse.ArgumentTypeError(f"must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {text!r}") \
+                from None
+        message = problem(value)
+        if message:
+            raise argparse.ArgumentTypeError(message)
         return value
 
-    parse.__name__ = "integer"
+    parse.__name__ = kind  # argparse names the type in some messages
     return parse
+
+
+def cli_int(minimum: int | None = 1, maximum: int | None = None):
+    """An argparse ``type`` for an integer flag in ``[minimum, maximum]``."""
+    return _cli_type(int, "integer", lambda v: _int_problem(v, minimum, maximum))
 
 
 def cli_number(minimum: float | None = None, maximum: float | None = None):
     """An argparse ``type`` for a finite number flag in ``[minimum, maximum]``."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        problem = _number_problem(value, minimum, maximum)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    return _cli_type(float, "number", lambda v: _number_problem(v, minimum, maximum))
 
 
 def cli_device(text: str) -> str:
