@@ -17,6 +17,7 @@ import math
 from fastdiff.errors import InvalidInput
 from fastdiff.schedulers.base import CLIP_DEFAULTS, COMMON_DEFAULTS, THRESHOLD_DEFAULTS, Rows, Scheduler, x0_coefs
 from fastdiff.schedulers.betas import alphas_cumprod, timestep_grid
+from fastdiff.schedulers.docs import documented
 from fastdiff.schedulers.plan import StepPlan
 
 
@@ -43,45 +44,23 @@ def ddim_update(prediction_type: str, a: float, a_p: float, std: float, use_clip
     return out
 
 
+@documented(keys={
+    "eta": (
+        "float", "fastdiff's own key for the ``eta`` argument of diffusers' ``step()``: the noise weight in [0, 1] "
+        "(0 = deterministic DDIM, 1 = DDPM-like ancestral noise). Not part of the diffusers config (see "
+        ":attr:`step_kwargs`)."),
+    "use_clipped_model_output": (
+        "bool", "fastdiff's own key for that ``step()`` argument: recompute the noise direction from the clipped x0. "
+        "Not part of the diffusers config either."),
+}, notes={
+    "set_alpha_to_one": 'Here that is the "previous" alphas_cumprod of the last step, so 1 makes the last step '
+                        "return x0.",
+})
 class DDIM(Scheduler):
     """diffusers' ``DDIMScheduler``; ``eta`` and ``use_clipped_model_output`` are its step() arguments.
 
     Args:
-        num_train_timesteps (int, default 1000): number of diffusion steps the model was trained with (the length of the
-            beta table); at least 2.
-        beta_start (float, default 0.0001): first beta of the training schedule.
-        beta_end (float, default 0.02): last beta of the training schedule.
-        beta_schedule (str, default "linear"): how betas go from ``beta_start`` to ``beta_end``: ``"linear"``,
-            ``"scaled_linear"`` (linear in sqrt(beta), Stable Diffusion's) or ``"squaredcos_cap_v2"`` (cosine, Nichol &
-            Dhariwal; ignores the beta range). Not used when ``trained_betas`` is given.
-        trained_betas (list of float or None, default None): explicit betas instead of a schedule; their number must
-            equal ``num_train_timesteps``.
-        prediction_type (str, default "epsilon"): what the model predicts: ``"epsilon"`` (the model predicts the noise),
-            ``"v_prediction"`` (velocity, Salimans & Ho 2022) or ``"sample"`` (the model predicts x0).
-        timestep_spacing (str, default "leading"): how the inference timesteps are picked from the training ones:
-            ``"linspace"``, ``"leading"`` or ``"trailing"`` (Table 2 of arXiv:2305.08891).
-        steps_offset (int, default 0): added to every ``"leading"`` timestep (Stable Diffusion uses 1); other spacings
-            ignore it. A grid shifted past the last training timestep is refused.
-        rescale_betas_zero_snr (bool, default False): rescale the betas to zero terminal SNR (Algorithm 1 of
-            arXiv:2305.08891). A plan whose coefficients would be non-finite (epsilon prediction at zero SNR) is
-            refused; use ``"v_prediction"`` there.
-        clip_sample (bool, default True): clamp the predicted x0 to ``[-clip_sample_range, clip_sample_range]``
-            (overridden by ``thresholding``).
-        clip_sample_range (float, default 1.0): the bound of ``clip_sample``.
-        thresholding (bool, default False): dynamic thresholding of the predicted x0 (Imagen, Saharia et al. 2022): per
-            sample, s = clamp(quantile(|x0|, ratio), 1, sample_max_value) and x0 = clamp(x0, -s, s) / s. Only for
-            pixel-space models; wins over ``clip_sample``.
-        dynamic_thresholding_ratio (float, default 0.995): the quantile of ``thresholding``; must be in (0, 1] (fastdiff
-            refuses other values, diffusers does not check).
-        sample_max_value (float, default 1.0): the largest threshold s of ``thresholding``; must be >= 1 (fastdiff
-            refuses smaller values, diffusers does not check).
-        set_alpha_to_one (bool, default True): the "previous" alphas_cumprod of the last step: 1 (the last step returns
-            x0) or alphas_cumprod[0].
-        eta (float, default 0.0): fastdiff's own key for the ``eta`` argument of diffusers' ``step()``: the noise weight
-            in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like ancestral noise). Not part of the diffusers config (see
-            :attr:`step_kwargs`).
-        use_clipped_model_output (bool, default False): fastdiff's own key for that ``step()`` argument: recompute the
-            noise direction from the clipped x0. Not part of the diffusers config either.
+        {args}
     """
 
     name = "ddim"

@@ -18,48 +18,24 @@ import numpy as np
 from fastdiff.errors import InvalidInput
 from fastdiff.schedulers.base import CLIP_DEFAULTS, COMMON_DEFAULTS, THRESHOLD_DEFAULTS, Rows, Scheduler, x0_coefs
 from fastdiff.schedulers.betas import alphas_cumprod, timestep_grid
+from fastdiff.schedulers.docs import documented
 from fastdiff.schedulers.plan import StepPlan
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
+@documented(keys={
+    "variance_type": (
+        "str", 'the variance of the added noise: ``"fixed_small"`` (the posterior variance, floored at 1e-20), '
+        '``"fixed_small_log"`` (the same numbers here) or ``"fixed_large"`` (beta_t). fastdiff refuses '
+        '``"learned"`` / ``"learned_range"`` (they need the model\'s predicted variance) and ``"fixed_large_log"`` '
+        "(diffusers computes NaN there)."),
+})
 class DDPM(Scheduler):
     """diffusers' ``DDPMScheduler`` (variance types fixed_small, fixed_small_log, fixed_large).
 
     Args:
-        num_train_timesteps (int, default 1000): number of diffusion steps the model was trained with (the length of the
-            beta table); at least 2.
-        beta_start (float, default 0.0001): first beta of the training schedule.
-        beta_end (float, default 0.02): last beta of the training schedule.
-        beta_schedule (str, default "linear"): how betas go from ``beta_start`` to ``beta_end``: ``"linear"``,
-            ``"scaled_linear"`` (linear in sqrt(beta), Stable Diffusion's) or ``"squaredcos_cap_v2"`` (cosine, Nichol &
-            Dhariwal; ignores the beta range). Not used when ``trained_betas`` is given. fastdiff refuses diffusers'
-            ``"sigmoid"`` schedule.
-        trained_betas (list of float or None, default None): explicit betas instead of a schedule; their number must
-            equal ``num_train_timesteps``.
-        prediction_type (str, default "epsilon"): what the model predicts: ``"epsilon"`` (the model predicts the noise),
-            ``"v_prediction"`` (velocity, Salimans & Ho 2022) or ``"sample"`` (the model predicts x0).
-        timestep_spacing (str, default "leading"): how the inference timesteps are picked from the training ones:
-            ``"linspace"``, ``"leading"`` or ``"trailing"`` (Table 2 of arXiv:2305.08891).
-        steps_offset (int, default 0): added to every ``"leading"`` timestep (Stable Diffusion uses 1); other spacings
-            ignore it. A grid shifted past the last training timestep is refused.
-        rescale_betas_zero_snr (bool, default False): rescale the betas to zero terminal SNR (Algorithm 1 of
-            arXiv:2305.08891). A plan whose coefficients would be non-finite (epsilon prediction at zero SNR) is
-            refused; use ``"v_prediction"`` there.
-        clip_sample (bool, default True): clamp the predicted x0 to ``[-clip_sample_range, clip_sample_range]``
-            (overridden by ``thresholding``).
-        clip_sample_range (float, default 1.0): the bound of ``clip_sample``.
-        thresholding (bool, default False): dynamic thresholding of the predicted x0 (Imagen, Saharia et al. 2022): per
-            sample, s = clamp(quantile(|x0|, ratio), 1, sample_max_value) and x0 = clamp(x0, -s, s) / s. Only for
-            pixel-space models; wins over ``clip_sample``.
-        dynamic_thresholding_ratio (float, default 0.995): the quantile of ``thresholding``; must be in (0, 1] (fastdiff
-            refuses other values, diffusers does not check).
-        sample_max_value (float, default 1.0): the largest threshold s of ``thresholding``; must be >= 1 (fastdiff
-            refuses smaller values, diffusers does not check).
-        variance_type (str, default "fixed_small"): the variance of the added noise: ``"fixed_small"`` (the posterior
-            variance, floored at 1e-20), ``"fixed_small_log"`` (the same numbers here) or ``"fixed_large"`` (beta_t).
-            fastdiff refuses ``"learned"`` / ``"learned_range"`` (they need the model's predicted variance) and
-            ``"fixed_large_log"`` (diffusers computes NaN there).
+        {args}
     """
 
     name = "ddpm"

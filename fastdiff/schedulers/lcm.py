@@ -18,49 +18,27 @@ import numpy as np
 from fastdiff.errors import InvalidInput
 from fastdiff.schedulers.base import CLIP_DEFAULTS, COMMON_DEFAULTS, THRESHOLD_DEFAULTS, Rows, Scheduler, x0_coefs
 from fastdiff.schedulers.betas import alphas_cumprod
+from fastdiff.schedulers.docs import documented
 from fastdiff.schedulers.plan import StepPlan
 
 
+@documented(keys={
+    "steps_offset": (
+        "int", 'added to every ``"leading"`` timestep in the other schedulers. LCM ignores both this and '
+        "``timestep_spacing``: its timesteps come from the ``original_inference_steps`` grid, as in diffusers."),
+    "original_inference_steps": (
+        "int", "the size of the timestep grid the model was distilled on, t_k = k * (num_train_timesteps // "
+        "original_inference_steps) - 1; an int in [1, num_train_timesteps], and the most inference steps the "
+        "scheduler allows."),
+    "timestep_scaling": (
+        "float", "t is multiplied by this in the consistency boundary conditions c_skip = 0.25 / ((s t)^2 + 0.25), "
+        "c_out = s t / sqrt((s t)^2 + 0.25)."),
+})
 class LCM(Scheduler):
     """diffusers' ``LCMScheduler``.
 
     Args:
-        num_train_timesteps (int, default 1000): number of diffusion steps the model was trained with (the length of the
-            beta table); at least 2.
-        beta_start (float, default 0.00085): first beta of the training schedule.
-        beta_end (float, default 0.012): last beta of the training schedule.
-        beta_schedule (str, default "scaled_linear"): how betas go from ``beta_start`` to ``beta_end``: ``"linear"``,
-            ``"scaled_linear"`` (linear in sqrt(beta), Stable Diffusion's) or ``"squaredcos_cap_v2"`` (cosine, Nichol &
-            Dhariwal; ignores the beta range). Not used when ``trained_betas`` is given.
-        trained_betas (list of float or None, default None): explicit betas instead of a schedule; their number must
-            equal ``num_train_timesteps``.
-        prediction_type (str, default "epsilon"): what the model predicts: ``"epsilon"`` (the model predicts the noise),
-            ``"v_prediction"`` (velocity, Salimans & Ho 2022) or ``"sample"`` (the model predicts x0).
-        timestep_spacing (str, default "leading"): how the inference timesteps are picked from the training ones:
-            ``"linspace"``, ``"leading"`` or ``"trailing"`` (Table 2 of arXiv:2305.08891).
-        steps_offset (int, default 0): added to every ``"leading"`` timestep (Stable Diffusion uses 1); other spacings
-            ignore it. LCM ignores both this and ``timestep_spacing``: its timesteps come from the
-            ``original_inference_steps`` grid, as in diffusers.
-        rescale_betas_zero_snr (bool, default False): rescale the betas to zero terminal SNR (Algorithm 1 of
-            arXiv:2305.08891). A plan whose coefficients would be non-finite (epsilon prediction at zero SNR) is
-            refused; use ``"v_prediction"`` there.
-        clip_sample (bool, default False): clamp the predicted x0 to ``[-clip_sample_range, clip_sample_range]``
-            (overridden by ``thresholding``).
-        clip_sample_range (float, default 1.0): the bound of ``clip_sample``.
-        thresholding (bool, default False): dynamic thresholding of the predicted x0 (Imagen, Saharia et al. 2022): per
-            sample, s = clamp(quantile(|x0|, ratio), 1, sample_max_value) and x0 = clamp(x0, -s, s) / s. Only for
-            pixel-space models; wins over ``clip_sample``.
-        dynamic_thresholding_ratio (float, default 0.995): the quantile of ``thresholding``; must be in (0, 1] (fastdiff
-            refuses other values, diffusers does not check).
-        sample_max_value (float, default 1.0): the largest threshold s of ``thresholding``; must be >= 1 (fastdiff
-            refuses smaller values, diffusers does not check).
-        original_inference_steps (int, default 50): the size of the timestep grid the model was distilled on, t_k = k *
-            (num_train_timesteps // original_inference_steps) - 1; an int in [1, num_train_timesteps], and the most
-            inference steps the scheduler allows.
-        set_alpha_to_one (bool, default True): the alphas_cumprod used past the start of the grid: 1 or
-            alphas_cumprod[0].
-        timestep_scaling (float, default 10.0): t is multiplied by this in the consistency boundary conditions c_skip =
-            0.25 / ((s t)^2 + 0.25), c_out = s t / sqrt((s t)^2 + 0.25).
+        {args}
     """
 
     name = "lcm"
