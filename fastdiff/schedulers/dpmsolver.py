@@ -24,67 +24,42 @@ import numpy as np
 from fastdiff.errors import InvalidInput
 from fastdiff.schedulers.base import COMMON_DEFAULTS, THRESHOLD_DEFAULTS, Rows, x0_coefs
 from fastdiff.schedulers.betas import alphas_cumprod_f32
+from fastdiff.schedulers.docs import SIGMA_NOTES, documented
 from fastdiff.schedulers.plan import HIST_SLOTS, StepPlan
 from fastdiff.schedulers.sigmas import FINAL_SIGMAS_TYPES, SIGMA_NEUTRAL, SigmaGrid, vp_from_sigma
 
 
+@documented(keys={
+    "solver_order": (
+        "int", "2 (DPM-Solver++ 2M, which uses the previous x0 prediction) or 1 (first order, DDIM-like). fastdiff "
+        "refuses 3 (diffusers' order for unconditional sampling)."),
+    "algorithm_type": (
+        "str", 'only ``"dpmsolver++"``; fastdiff refuses the noise-drawing ``"sde-dpmsolver++"`` / '
+        '``"sde-dpmsolver"`` and the deprecated ``"dpmsolver"``. ``"deis"`` is mapped to ``"dpmsolver++"``, as '
+        "diffusers does."),
+    "solver_type": (
+        "str", 'the second-order update, ``"midpoint"`` or ``"heun"``; ``"logrho"``, ``"bh1"`` and ``"bh2"`` are '
+        'mapped to ``"midpoint"``, as diffusers does.'),
+    "lower_order_final": (
+        "bool", "take a first-order last step when there are fewer than 15 steps (steadier for few steps)."),
+    "euler_at_final": ("bool", "always take a first-order last step."),
+    "lambda_min_clipped": (
+        "float", "clip the log-SNR lambda from below: timesteps whose lambda is smaller are left out of the grid "
+        "(diffusers' fix for the cosine schedule)."),
+    "use_lu_lambdas": ("bool", "noise levels uniform in lambda (Lu et al.); not implemented, refused."),
+    "variance_type": (
+        "str or None", '``"learned"`` / ``"learned_range"`` (models that also predict a variance) are not supported, '
+        "refused."),
+}, notes={
+    **SIGMA_NOTES,
+    "final_sigmas_type": "With Karras sigmas the last step then goes from sigma_min to sigma_min and is the "
+                         "identity.",
+})
 class DPMSolverPP(SigmaGrid):
     """diffusers' ``DPMSolverMultistepScheduler`` restricted to DPM-Solver++ of order 1 or 2.
 
     Args:
-        num_train_timesteps (int, default 1000): number of diffusion steps the model was trained with (the length of the
-            beta table); at least 2.
-        beta_start (float, default 0.0001): first beta of the training schedule.
-        beta_end (float, default 0.02): last beta of the training schedule.
-        beta_schedule (str, default "linear"): how betas go from ``beta_start`` to ``beta_end``: ``"linear"``,
-            ``"scaled_linear"`` (linear in sqrt(beta), Stable Diffusion's) or ``"squaredcos_cap_v2"`` (cosine, Nichol &
-            Dhariwal; ignores the beta range). Not used when ``trained_betas`` is given.
-        trained_betas (list of float or None, default None): explicit betas instead of a schedule; their number must
-            equal ``num_train_timesteps``.
-        prediction_type (str, default "epsilon"): what the model predicts: ``"epsilon"`` (the model predicts the noise),
-            ``"v_prediction"`` (velocity, Salimans & Ho 2022) or ``"sample"`` (the model predicts x0).
-        timestep_spacing (str, default "linspace"): how the inference timesteps are picked from the training ones:
-            ``"linspace"``, ``"leading"`` or ``"trailing"`` (Table 2 of arXiv:2305.08891).
-        steps_offset (int, default 0): added to every ``"leading"`` timestep (Stable Diffusion uses 1); other spacings
-            ignore it. A grid shifted past the last training timestep is refused.
-        rescale_betas_zero_snr (bool, default False): rescale the betas to zero terminal SNR (Algorithm 1 of
-            arXiv:2305.08891). The terminal ``alphas_cumprod`` of 0 is replaced by ``2**-24`` so sigma stays finite, as
-            in diffusers. A plan whose coefficients would be non-finite (epsilon prediction at zero SNR) is refused; use
-            ``"v_prediction"`` there.
-        thresholding (bool, default False): dynamic thresholding of the predicted x0 (Imagen, Saharia et al. 2022): per
-            sample, s = clamp(quantile(|x0|, ratio), 1, sample_max_value) and x0 = clamp(x0, -s, s) / s. Only for
-            pixel-space models.
-        dynamic_thresholding_ratio (float, default 0.995): the quantile of ``thresholding``; must be in (0, 1] (fastdiff
-            refuses other values, diffusers does not check).
-        sample_max_value (float, default 1.0): the largest threshold s of ``thresholding``; must be >= 1 (fastdiff
-            refuses smaller values, diffusers does not check).
-        solver_order (int, default 2): 2 (DPM-Solver++ 2M, which uses the previous x0 prediction) or 1 (first order,
-            DDIM-like). fastdiff refuses 3 (diffusers' order for unconditional sampling).
-        algorithm_type (str, default "dpmsolver++"): only ``"dpmsolver++"``; fastdiff refuses the noise-drawing
-            ``"sde-dpmsolver++"`` / ``"sde-dpmsolver"`` and the deprecated ``"dpmsolver"``. ``"deis"`` is mapped to
-            ``"dpmsolver++"``, as diffusers does.
-        solver_type (str, default "midpoint"): the second-order update, ``"midpoint"`` or ``"heun"``; ``"logrho"``,
-            ``"bh1"`` and ``"bh2"`` are mapped to ``"midpoint"``, as diffusers does.
-        lower_order_final (bool, default True): take a first-order last step when there are fewer than 15 steps
-            (steadier for few steps).
-        euler_at_final (bool, default False): always take a first-order last step.
-        use_karras_sigmas (bool, default False): Karras et al. (2022) noise levels (rho = 7) between sigma_min and
-            sigma_max instead of the training sigmas at the spaced timesteps; timesteps are mapped back from them.
-        final_sigmas_type (str, default "zero"): the noise level after the last step: ``"zero"`` (the last step returns
-            the x0 prediction) or ``"sigma_min"`` (the training schedule's smallest sigma; with Karras sigmas the last
-            step then goes from sigma_min to sigma_min and is the identity).
-        lambda_min_clipped (float, default -inf): clip the log-SNR lambda from below: timesteps whose lambda is smaller
-            are left out of the grid (diffusers' fix for the cosine schedule).
-        use_exponential_sigmas (bool, only False): diffusers' exponential noise levels; not implemented, so fastdiff
-            refuses True.
-        use_beta_sigmas (bool, only False): diffusers' beta-distributed noise levels; not implemented, refused.
-        use_flow_sigmas (bool, only False): flow-matching noise levels (with diffusers' ``flow_shift``); not
-            implemented, refused. ``from_diffusers`` drops ``flow_shift`` and ``time_shift_type``, which only act with
-            flow sigmas / dynamic shifting.
-        use_dynamic_shifting (bool, only False): resolution-dependent timestep shifting; not implemented, refused.
-        use_lu_lambdas (bool, only False): noise levels uniform in lambda (Lu et al.); not implemented, refused.
-        variance_type (str or None, only None): ``"learned"`` / ``"learned_range"`` (models that also predict a
-            variance) are not supported, refused.
+        {args}
     """
 
     name = "dpmpp_2m"

@@ -27,6 +27,7 @@ from fastdiff.schedulers.betas import (
     sigma_to_t,
     timestep_grid,
 )
+from fastdiff.schedulers.docs import SIGMA_NOTES, documented
 from fastdiff.schedulers.plan import StepPlan
 from fastdiff.schedulers.sigmas import FINAL_SIGMAS_TYPES
 
@@ -79,44 +80,24 @@ class _SigmaScheduler(Scheduler):
                                input_scale0=1.0 / math.sqrt(s[0] ** 2 + 1))
 
 
+@documented(keys={
+    "interpolation_type": (
+        "str", 'how sigmas are read off the training table at the spaced timesteps: ``"linear"`` (interpolated at '
+        'each timestep) or ``"log_linear"`` (evenly spaced in log sigma from the largest to the smallest training '
+        "sigma)."),
+    "timestep_type": (
+        "str", 'diffusers\' ``"continuous"`` timesteps (v-prediction EDM models) are not implemented, refused.'),
+}, notes={
+    **SIGMA_NOTES,
+    "sigma_min": "None: the smallest sigma of the spaced (or log_linear) grid.",
+    "sigma_max": "None: the largest sigma of the spaced (or log_linear) grid.",
+})
 class Euler(_SigmaScheduler):
     """diffusers' ``EulerDiscreteScheduler`` (linear / log_linear interpolation, Karras sigmas, final sigma zero
     or sigma_min).
 
     Args:
-        num_train_timesteps (int, default 1000): number of diffusion steps the model was trained with (the length of the
-            beta table); at least 2.
-        beta_start (float, default 0.0001): first beta of the training schedule.
-        beta_end (float, default 0.02): last beta of the training schedule.
-        beta_schedule (str, default "linear"): how betas go from ``beta_start`` to ``beta_end``: ``"linear"``,
-            ``"scaled_linear"`` (linear in sqrt(beta), Stable Diffusion's) or ``"squaredcos_cap_v2"`` (cosine, Nichol &
-            Dhariwal; ignores the beta range). Not used when ``trained_betas`` is given.
-        trained_betas (list of float or None, default None): explicit betas instead of a schedule; their number must
-            equal ``num_train_timesteps``.
-        prediction_type (str, default "epsilon"): what the model predicts: ``"epsilon"`` (the model predicts the noise),
-            ``"v_prediction"`` (velocity, Salimans & Ho 2022) or ``"sample"`` (the model predicts x0).
-        timestep_spacing (str, default "linspace"): how the inference timesteps are picked from the training ones:
-            ``"linspace"``, ``"leading"`` or ``"trailing"`` (Table 2 of arXiv:2305.08891).
-        steps_offset (int, default 0): added to every ``"leading"`` timestep (Stable Diffusion uses 1); other spacings
-            ignore it. A grid shifted past the last training timestep is refused.
-        rescale_betas_zero_snr (bool, default False): rescale the betas to zero terminal SNR (Algorithm 1 of
-            arXiv:2305.08891). The terminal ``alphas_cumprod`` of 0 is replaced by ``2**-24`` so sigma stays finite, as
-            in diffusers. A plan whose coefficients would be non-finite (epsilon prediction at zero SNR) is refused; use
-            ``"v_prediction"`` there.
-        interpolation_type (str, default "linear"): how sigmas are read off the training table at the spaced timesteps:
-            ``"linear"`` (interpolated at each timestep) or ``"log_linear"`` (evenly spaced in log sigma from the
-            largest to the smallest training sigma).
-        use_karras_sigmas (bool, default False): Karras et al. (2022) noise levels (rho = 7) between sigma_min and
-            sigma_max instead of the training sigmas at the spaced timesteps; timesteps are mapped back from them.
-        sigma_min (float or None, default None): the smallest Karras sigma (None: the grid's smallest sigma).
-        sigma_max (float or None, default None): the largest Karras sigma (None: the grid's largest sigma).
-        final_sigmas_type (str, default "zero"): the noise level after the last step: ``"zero"`` (the last step returns
-            the x0 prediction) or ``"sigma_min"`` (the training schedule's smallest sigma).
-        use_exponential_sigmas (bool, only False): diffusers' exponential noise levels; not implemented, so fastdiff
-            refuses True.
-        use_beta_sigmas (bool, only False): diffusers' beta-distributed noise levels; not implemented, refused.
-        timestep_type (str, only "discrete"): diffusers' ``"continuous"`` timesteps (v-prediction EDM models) are not
-            implemented, refused.
+        {args}
     """
 
     name = "euler"
@@ -152,29 +133,16 @@ class Euler(_SigmaScheduler):
         return self._euler_plan(ts, sigmas, ancestral=False)
 
 
+@documented(keys={
+    "prediction_type": (
+        "str", 'what the model predicts: ``"epsilon"`` or ``"v_prediction"``. ``"sample"`` is refused (diffusers '
+        "raises NotImplementedError for it in ``step()``)."),
+}, notes=SIGMA_NOTES)
 class EulerAncestral(_SigmaScheduler):
     """diffusers' ``EulerAncestralDiscreteScheduler`` (epsilon or v prediction).
 
     Args:
-        num_train_timesteps (int, default 1000): number of diffusion steps the model was trained with (the length of the
-            beta table); at least 2.
-        beta_start (float, default 0.0001): first beta of the training schedule.
-        beta_end (float, default 0.02): last beta of the training schedule.
-        beta_schedule (str, default "linear"): how betas go from ``beta_start`` to ``beta_end``: ``"linear"``,
-            ``"scaled_linear"`` (linear in sqrt(beta), Stable Diffusion's) or ``"squaredcos_cap_v2"`` (cosine, Nichol &
-            Dhariwal; ignores the beta range). Not used when ``trained_betas`` is given.
-        trained_betas (list of float or None, default None): explicit betas instead of a schedule; their number must
-            equal ``num_train_timesteps``.
-        prediction_type (str, default "epsilon"): what the model predicts: ``"epsilon"`` or ``"v_prediction"``.
-            ``"sample"`` is refused (diffusers raises NotImplementedError for it in ``step()``).
-        timestep_spacing (str, default "linspace"): how the inference timesteps are picked from the training ones:
-            ``"linspace"``, ``"leading"`` or ``"trailing"`` (Table 2 of arXiv:2305.08891).
-        steps_offset (int, default 0): added to every ``"leading"`` timestep (Stable Diffusion uses 1); other spacings
-            ignore it. A grid shifted past the last training timestep is refused.
-        rescale_betas_zero_snr (bool, default False): rescale the betas to zero terminal SNR (Algorithm 1 of
-            arXiv:2305.08891). The terminal ``alphas_cumprod`` of 0 is replaced by ``2**-24`` so sigma stays finite, as
-            in diffusers. A plan whose coefficients would be non-finite (epsilon prediction at zero SNR) is refused; use
-            ``"v_prediction"`` there.
+        {args}
     """
 
     name = "euler_a"

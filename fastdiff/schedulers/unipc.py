@@ -25,6 +25,7 @@ import numpy as np
 
 from fastdiff.errors import InvalidInput
 from fastdiff.schedulers.base import COMMON_DEFAULTS, THRESHOLD_DEFAULTS, Rows, x0_coefs
+from fastdiff.schedulers.docs import SIGMA_NOTES, documented
 from fastdiff.schedulers.plan import HIST_SLOTS, StepPlan
 from fastdiff.schedulers.sigmas import FINAL_SIGMAS_TYPES, SIGMA_NEUTRAL, SigmaGrid, vp_from_sigma
 
@@ -42,62 +43,36 @@ def _b_coefs(hh: float, order: int, solver_type: str) -> tuple[float, list[float
     return b_h, b
 
 
+@documented(keys={
+    "solver_order": (
+        "int", "the predictor / corrector order, 2 or 1. fastdiff refuses 3 and more (they need three earlier model "
+        "outputs per step)."),
+    "predict_x0": (
+        "bool", "UniPC on x0 predictions; fastdiff refuses False (UniPC on noise predictions)."),
+    "solver_type": (
+        "str", 'the B(h) of the UniPC update, ``"bh2"`` (expm1(-h)) or ``"bh1"`` (-h).'),
+    "lower_order_final": (
+        "bool", "lower the order on the last steps (the last step is first order). With ``solver_order=2`` and "
+        '``final_sigmas_type="zero"``, False is refused: the second-order last step to sigma 0 divides by zero '
+        "(diffusers returns inf / NaN there)."),
+    "disable_corrector": ("list of int", "steps whose corrector is skipped (by step index)."),
+    "solver_p": (
+        "None", "an external solver for the predictor (diffusers accepts a scheduler object); not supported, "
+        "refused."),
+    "shift_terminal": (
+        "float or None", "stretch the schedule to end at this terminal value; not implemented, refused."),
+}, notes={
+    **SIGMA_NOTES,
+    "sigma_min": "None: the training table's smallest sigma.",
+    "sigma_max": "None: the training table's largest sigma.",
+    "final_sigmas_type": 'With Karras sigmas ``"sigma_min"`` is the last Karras sigma, so the last step is the '
+                         "identity.",
+})
 class UniPC(SigmaGrid):
     """diffusers' ``UniPCMultistepScheduler`` (predict_x0, bh1 / bh2, order <= 2, optional disable_corrector).
 
     Args:
-        num_train_timesteps (int, default 1000): number of diffusion steps the model was trained with (the length of the
-            beta table); at least 2.
-        beta_start (float, default 0.0001): first beta of the training schedule.
-        beta_end (float, default 0.02): last beta of the training schedule.
-        beta_schedule (str, default "linear"): how betas go from ``beta_start`` to ``beta_end``: ``"linear"``,
-            ``"scaled_linear"`` (linear in sqrt(beta), Stable Diffusion's) or ``"squaredcos_cap_v2"`` (cosine, Nichol &
-            Dhariwal; ignores the beta range). Not used when ``trained_betas`` is given.
-        trained_betas (list of float or None, default None): explicit betas instead of a schedule; their number must
-            equal ``num_train_timesteps``.
-        prediction_type (str, default "epsilon"): what the model predicts: ``"epsilon"`` (the model predicts the noise),
-            ``"v_prediction"`` (velocity, Salimans & Ho 2022) or ``"sample"`` (the model predicts x0).
-        timestep_spacing (str, default "linspace"): how the inference timesteps are picked from the training ones:
-            ``"linspace"``, ``"leading"`` or ``"trailing"`` (Table 2 of arXiv:2305.08891).
-        steps_offset (int, default 0): added to every ``"leading"`` timestep (Stable Diffusion uses 1); other spacings
-            ignore it. A grid shifted past the last training timestep is refused.
-        rescale_betas_zero_snr (bool, default False): rescale the betas to zero terminal SNR (Algorithm 1 of
-            arXiv:2305.08891). The terminal ``alphas_cumprod`` of 0 is replaced by ``2**-24`` so sigma stays finite, as
-            in diffusers. A plan whose coefficients would be non-finite (epsilon prediction at zero SNR) is refused; use
-            ``"v_prediction"`` there.
-        thresholding (bool, default False): dynamic thresholding of the predicted x0 (Imagen, Saharia et al. 2022): per
-            sample, s = clamp(quantile(|x0|, ratio), 1, sample_max_value) and x0 = clamp(x0, -s, s) / s. Only for
-            pixel-space models.
-        dynamic_thresholding_ratio (float, default 0.995): the quantile of ``thresholding``; must be in (0, 1] (fastdiff
-            refuses other values, diffusers does not check).
-        sample_max_value (float, default 1.0): the largest threshold s of ``thresholding``; must be >= 1 (fastdiff
-            refuses smaller values, diffusers does not check).
-        solver_order (int, default 2): the predictor / corrector order, 2 or 1. fastdiff refuses 3 and more (they need
-            three earlier model outputs per step).
-        predict_x0 (bool, default True): UniPC on x0 predictions; fastdiff refuses False (UniPC on noise predictions).
-        solver_type (str, default "bh2"): the B(h) of the UniPC update, ``"bh2"`` (expm1(-h)) or ``"bh1"`` (-h).
-        lower_order_final (bool, default True): lower the order on the last steps (the last step is first order). With
-            ``solver_order=2`` and ``final_sigmas_type="zero"``, False is refused: the second-order last step to sigma 0
-            divides by zero (diffusers returns inf / NaN there).
-        disable_corrector (list of int, default []): steps whose corrector is skipped (by step index).
-        use_karras_sigmas (bool, default False): Karras et al. (2022) noise levels (rho = 7) between sigma_min and
-            sigma_max instead of the training sigmas at the spaced timesteps; timesteps are mapped back from them.
-        sigma_min (float or None, default None): the smallest Karras sigma (None: the training table's smallest).
-        sigma_max (float or None, default None): the largest Karras sigma (None: the training table's largest).
-        final_sigmas_type (str, default "zero"): the noise level after the last step: ``"zero"`` (the last step returns
-            the x0 prediction) or ``"sigma_min"`` (the training schedule's smallest sigma; with Karras sigmas, the last
-            Karras sigma, so the last step is the identity).
-        use_exponential_sigmas (bool, only False): diffusers' exponential noise levels; not implemented, so fastdiff
-            refuses True.
-        use_beta_sigmas (bool, only False): diffusers' beta-distributed noise levels; not implemented, refused.
-        use_flow_sigmas (bool, only False): flow-matching noise levels (with diffusers' ``flow_shift``); not
-            implemented, refused. ``from_diffusers`` drops ``flow_shift`` and ``time_shift_type``, which only act with
-            flow sigmas / dynamic shifting.
-        use_dynamic_shifting (bool, only False): resolution-dependent timestep shifting; not implemented, refused.
-        solver_p (None, only None): an external solver for the predictor (diffusers accepts a scheduler object); not
-            supported, refused.
-        shift_terminal (float or None, only None): stretch the schedule to end at this terminal value; not implemented,
-            refused.
+        {args}
     """
 
     name = "unipc"
