@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fastdiff.cli import COMMANDS, main
+from tests.cli_helpers import one_line_error
 
 ROOT = Path(__file__).parents[1]
 NESTED = [["distill", "generate"], ["distill", "train"], ["train", "digits"]]
@@ -49,13 +50,7 @@ def test_help_in_a_fresh_process_and_the_module_aliases(module_argv):
                                   ["train"], ["train", "mnist"], ["train", "digits", "--steps", "x"]],
                          ids=lambda a: " ".join(a) or "none")
 def test_errors_are_one_line_with_a_non_zero_status(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as e:
-        status = e.code
-    err = capsys.readouterr().err
-    assert status not in (0, None)
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    one_line_error(argv, capsys)
 
 
 def test_script_entry_point_is_the_cli():

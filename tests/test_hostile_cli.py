@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdiff.cli import main
+from tests.cli_helpers import one_line_error
 
 CUDA = torch.cuda.is_available()
 
@@ -46,13 +46,7 @@ def test_refused_with_one_line(argv, needle, capsys, tmp_path, monkeypatch):
     if CUDA and "needs CUDA" in needle:
         pytest.skip("CUDA is available here")
     monkeypatch.chdir(tmp_path)  # nothing may be written; if something were, it lands here
-    try:
-        status = main(argv)
-    except SystemExit as e:
-        status = e.code
-    err = capsys.readouterr().err
-    assert status not in (0, None)
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    err = one_line_error(argv, capsys)
     assert needle in err
     assert len(err) < 400  # no 10-million-entry messages
     assert not list(tmp_path.iterdir())

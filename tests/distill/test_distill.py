@@ -17,17 +17,10 @@ import torch
 from fastdiff.distill.train import init_student, last_alpha_bar, train_student
 from fastdiff.distill.triplets import MERGED, TripletSpec, load_triplets, run_distributed, shard_path
 from fastdiff.errors import InvalidInput
-from fastdiff.models import digits, load, save
+from fastdiff.models import load
 from fastdiff.models.generate import make_noise, make_sampler, sample_seed
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny")
-    save(digits.build_model(0, digits.TINY_UNET_CONFIG, name="tiny"), d, dtype=torch.float32)
-    return d
 
 
 def _env() -> dict:

@@ -23,16 +23,8 @@ from fastdiff.distill.triplets import (
     shard_path,
 )
 from fastdiff.errors import InvalidInput
-from fastdiff.models import digits, save
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny")
-    save(digits.build_model(0, digits.TINY_UNET_CONFIG, name="tiny"), d, dtype=torch.float32)
-    return d
 
 
 def _spec(tiny_dir: Path, **kw) -> TripletSpec:

@@ -8,17 +8,10 @@ import pytest
 import torch
 
 from fastdiff.cli import main as cli
-from fastdiff.models import digits, save
+from fastdiff.models import digits
 from fastdiff.quality import evaluate, format_table, frechet_distance, score
 from fastdiff.quality.classifier import train_classifier
 from fastdiff.quality.sweep import plot, sweep, write_table
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    save(digits.build_model(0, digits.TINY_UNET_CONFIG, name="tiny"), d, dtype=torch.float32)
-    return d
 
 
 def test_frechet_distance_closed_forms():
