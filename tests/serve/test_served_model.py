@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 
 from fastdiff.errors import InvalidInput
-from fastdiff.serve.model import (GUIDANCE, IMAGES, LABELS, MAX_STEPS, PROMPT, RETRY_MARKER, SEED, STEPS,
-                                  BatchRejected, ServedModel)
+from fastdiff.serve.model import (
+    GUIDANCE,
+    IMAGES,
+    LABELS,
+    MAX_STEPS,
+    PROMPT,
+    RETRY_MARKER,
+    SEED,
+    STEPS,
+    BatchRejected,
+    ServedModel,
+)
 from tests.tolerances import SERVED_LEVELS_ATOL
 
 
@@ -119,3 +129,30 @@ def test_prompts_on_a_tiny_pipeline(tmp_path):
     assert levels_apart(alone[0], batched[0][IMAGES][1]) > 0  # another seed, another image
     with pytest.raises(BatchRejected, match="not UTF-8"):
         served.infer([{PROMPT: np.array([[b"\xff\xfe"]], dtype=object), SEED: np.zeros((1, 1), np.int64)}])
+
+
+@pytest.mark.parametrize("argv", [["serve", "--http-port", "0"], ["serve", "--max-batch", "0"],
+                                  ["serve", "--steps", "1001"], ["request", "--out", "x.jpg", "--labels", "1"],
+                                  ["request", "--out", "x.png"], ["request", "--labels", "1", "--prompt", "a"],
+                                  ["request", "--labels", "1", "--timeout", "1", "--url", "grpc://127.0.0.1:1"]],
+                         ids=lambda a: " ".join(a))
+def test_serve_and_request_errors_are_one_line(argv, capsys, tmp_path, monkeypatch):
+    from tests.cli_helpers import one_line_error
+
+    monkeypatch.chdir(tmp_path)
+    one_line_error(argv, capsys)
+
+
+def test_serve_refuses_an_environment_it_cannot_serve_from(capsys, monkeypatch):
+    """Without PyTriton, or with NumPy 2 (the stub would pass empty tensors), `serve` says so before loading."""
+    from fastdiff.errors import ServingUnavailable
+    from fastdiff.serve import server
+    from tests.cli_helpers import one_line_error
+
+    try:
+        server.check_serving_available()
+    except ServingUnavailable:
+        pass
+    else:
+        monkeypatch.setattr(server.np, "__version__", "2.4.6")
+    assert "serv" in one_line_error(["serve", "--model", "digits"], capsys).lower()
