@@ -79,6 +79,12 @@ def is_pipeline_dir(path) -> bool:
         return False
 
 
+def is_exported_file(path) -> bool:
+    """An exported ``.onnx`` / TensorRT engine file (served through its model backend)."""
+    return isinstance(path, (str, os.PathLike)) and Path(os.fspath(path)).suffix in (".onnx", ".engine", ".plan") \
+        and Path(os.fspath(path)).is_file()
+
+
 @dataclass
 class _Row:
     request: int
@@ -94,7 +100,8 @@ class ServedModel:
     """A model and its sampler, fixed at start-up, answering batches of requests.
 
     Args:
-        model: an embedded name (``"digits"``), a fastdiff model folder, a ``LabelConditionedUNet``, a diffusers
+        model: an embedded name (``"digits"``), a fastdiff model folder, a ``LabelConditionedUNet``, a label model
+            exported to ``.onnx`` / a TensorRT engine by ``python -m fastdiff.export``, a diffusers
             StableDiffusion(XL) pipeline or a pipeline folder (text models: ``prompt`` input).
         scheduler / backend / device / compile: as :class:`fastdiff.Sampler`.
         steps / guidance: the defaults for requests that do not send them (None: the model's own; 20 and 7.5 for
@@ -123,6 +130,20 @@ class ServedModel:
             self.num_classes = None
             defaults = {"num_inference_steps": 20, "guidance_scale": 7.5}
             self.name = type(pipe).__name__
+        elif is_exported_file(model):
+            from fastdiff.sampler import Sampler
+
+            self.sampler = Sampler(os.fspath(model), scheduler=scheduler, backend=backend, device=device)
+            runner, labels = self.sampler.runner, self.sampler.label_model
+            if labels is None:
+                raise InvalidInput(f"{os.fspath(model)} is not a label-conditioned export (no label table); serve "
+                                   "a label model exported by python -m fastdiff.export")
+            self.latent_shape = (runner.in_channels, runner.sample_size, runner.sample_size)
+            self.image_shape = (runner.sample_size, runner.sample_size, runner.in_channels)
+            self.num_classes = int(labels.num_classes)
+            info = getattr(runner, "info", None)
+            defaults = dict(getattr(info, "defaults", None) or {})
+            self.name = getattr(info, "model", None) or Path(os.fspath(model)).stem
         else:
             from fastdiff.models import load
             from fastdiff.models.generate import make_sampler
