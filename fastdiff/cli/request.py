@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     if (args.labels is None) == (args.prompt is None):
         raise InvalidInput("pass exactly one of --labels (label models) or --prompt (text models)")
     check_writable(out, "file", what="--out")  # before the request, not after
-    # the server checks the range; 2**31 only keeps "0-9999999999" from expanding here
-    labels = parse_labels(args.labels, 2**31) if args.labels is not None else None
+    # the server checks labels against its model; 2**20 (the most classes a model folder may have) keeps a range
+    # like "0-9999999999" from expanding here
+    labels = parse_labels(args.labels, 2**20) if args.labels is not None else None
     with Client(args.url, args.model_name, timeout_s=args.timeout) as client:
         images = client.sample(labels=labels, prompt=args.prompt, seed=args.seed, steps=args.steps,
                                guidance=args.guidance)

@@ -41,16 +41,15 @@ def tiny(tiny_dir):
     return ServedModel(tiny_dir, steps=4)
 
 
-def test_served_digit_is_the_sample_commands_digit():
+def test_served_digit_is_the_sample_commands_digit(tiny, tiny_dir):
     """`request --labels 3 --seed S` must draw what `sample --labels 3 --seed S` draws (its own reference)."""
     from fastdiff.cli.sample import draw
     from fastdiff.models import load
 
     seed = int(np.random.default_rng().integers(0, 2**31))
-    served = ServedModel("digits", steps=4)
-    ours = served.infer([label_request([3, 7], seed, steps=4)])[0][IMAGES]
-    ref, *_ = draw(load("digits"), [3, 7], 1, seed, steps=4, progress=False)
-    assert ours.shape == (2, 16, 16, 1) and ours.dtype == np.uint8
+    ours = tiny.infer([label_request([3, 7], seed)])[0][IMAGES]
+    ref, *_ = draw(load(tiny_dir), [3, 7], 1, seed, steps=tiny.steps, progress=False)
+    assert ours.shape == (2, *tiny.image_shape) and ours.dtype == np.uint8
     for i in range(2):
         assert levels_apart(ours[i, ..., 0], np.asarray(ref[i])) <= SERVED_LEVELS_ATOL, f"seed {seed}, row {i}"
 

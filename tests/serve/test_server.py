@@ -153,6 +153,33 @@ def test_bad_requests_do_not_disturb_good_ones_batched_with_them(server):
     assert len(bad) == 1 and "labels must be in [0, 9], got [77]" in bad[0], bad
 
 
+def test_a_client_that_gives_up_mid_request_does_not_disturb_others(server, served):
+    """A client that stops waiting (its timeout, then its connection closed) while its request is batched with
+    another's: the other still gets its image, and the server keeps serving."""
+    from pytriton.client import ModelClient
+    from pytriton.client.exceptions import PyTritonClientTimeoutError
+
+    other = {}
+
+    def ask():
+        with Client(server.grpc_url) as c:
+            other["images"] = c.sample(labels=[4], seed=9, steps=3)
+
+    quitter = ModelClient(server.http_url, MODEL_NAME, init_timeout_s=30, inference_timeout_s=0.05)
+    quitter.wait_for_model(30)
+    t = threading.Thread(target=ask)
+    t.start()
+    with pytest.raises(PyTritonClientTimeoutError):
+        # QUEUE_DELAY_US alone outlasts the 50 ms timeout: it gives up while its request waits in the batch
+        quitter.infer_batch(labels=np.array([[5]], np.int64), seed=np.array([[1]], np.int64))
+    quitter.close()
+    t.join()
+    alone = served.infer([{LABELS: np.array([[4]]), SEED: np.array([[9]]), STEPS: np.array([[3]], np.int32)}])
+    assert int(np.abs(other["images"].astype(int) - alone[0][IMAGES]).max()) <= SERVED_LEVELS_ATOL
+    with Client(server.grpc_url) as c:
+        assert c.sample(labels=[1], seed=0).shape[0] == 1
+
+
 def test_request_command_writes_the_png(server, tmp_path, capsys):
     from PIL import Image
 
