@@ -184,12 +184,15 @@ class ServedModel:
         if cond_name not in request or SEED not in request:
             return f"a request needs the inputs {cond_name!r} and {SEED!r}"
         cond = np.asarray(request[cond_name])
+        if cond.ndim == 0:
+            return f"{cond_name!r} must have shape (n, 1) (one row per image), got a scalar"
         n = len(cond)
         if n == 0:
             return f"{cond_name!r} is empty: send at least one row"
         for name in (cond_name, SEED, STEPS, GUIDANCE):
-            if name in request and np.asarray(request[name]).reshape(len(request[name]), -1).shape != (n, 1):
-                return f"{name!r} must have shape ({n}, 1) (one value per row), got {np.asarray(request[name]).shape}"
+            shape = np.shape(request[name]) if name in request else (n, 1)
+            if shape not in ((n,), (n, 1)):
+                return f"{name!r} must have shape ({n}, 1) (one value per row), got {shape}"
         if self.text:
             for i, v in enumerate(cond.reshape(-1)):
                 if not isinstance(v, (bytes, np.bytes_, str)):
@@ -227,8 +230,9 @@ class ServedModel:
             conds = np.asarray(req[PROMPT if self.text else LABELS]).reshape(-1)
             seeds = np.asarray(req[SEED]).reshape(-1)
             n = len(conds)
-            steps = np.asarray(req[STEPS]).reshape(-1) if STEPS in req else np.full(n, self.steps)
-            guidance = np.asarray(req[GUIDANCE]).reshape(-1) if GUIDANCE in req else np.full(n, self.guidance)
+            steps = np.asarray(req[STEPS]).reshape(-1).tolist() if STEPS in req else [self.steps] * n
+            # an FP32 input's value as sent; the default exactly as given (1.3 stays 1.3, as the sample command has it)
+            guidance = np.asarray(req[GUIDANCE]).reshape(-1).tolist() if GUIDANCE in req else [self.guidance] * n
             seen: dict[tuple, int] = defaultdict(int)
             for j in range(n):
                 cond = conds[j]
@@ -238,7 +242,7 @@ class ServedModel:
                 index = seen[key] + (cond * LABEL_STRIDE if not self.text else 0)
                 seen[key] += 1
                 rows.append(_Row(r, j, cond, stream_seed(int(seeds[j]), NOISE_STREAM), index, int(steps[j]),
-                                 float(np.float32(guidance[j]))))
+                                 float(guidance[j])))
         return rows
 
     def _noise(self, rows: list[_Row]) -> torch.Tensor:

@@ -91,6 +91,8 @@ def test_rows_with_other_steps_and_guidance_are_grouped(tiny):
     ({GUIDANCE: np.array([[np.nan]], np.float32)}, "guidance must be finite"),
     ({LABELS: np.zeros((0, 1), np.int64), SEED: np.zeros((0, 1), np.int64)}, "is empty"),
     ({SEED: np.zeros((2, 1), np.int64)}, "must have shape (1, 1)"),
+    ({SEED: np.zeros((0, 1), np.int64)}, "must have shape (1, 1)"),
+    ({LABELS: np.int64(1)}, "got a scalar"),
 ])
 def test_bad_requests_are_refused_with_the_reason(tiny, change, words):
     with pytest.raises(BatchRejected, match="invalid request: ") as e:
