@@ -31,8 +31,6 @@ from fastdiff.serve.model import REQUEST_ID_PARAMETER, ServedModel
 MODEL_NAME = "fastdiff"
 #: default ports: Triton's own (HTTP 8000, gRPC 8001, metrics 8002).
 DEFAULT_PORTS = (8000, 8001, 8002)
-#: seconds a starting server may take to load the model before start() gives up (it starts in ~4 s here).
-START_TIMEOUT_S = 120
 LOGGER = logging.getLogger(__name__)
 
 
