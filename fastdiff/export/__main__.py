@@ -38,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{dim} range inside the profile's (a single N makes it static)")
     p.add_argument("--sampler", help="export the whole sampling loop of a few-step sampler as one graph: onestep, "
                                      "lcm4, lcm:4, euler_a:2, dpmpp_2m:8 ...")
-    p.add_argument("--steps", type=int, help="step count for --sampler (overrides a count in the spec)")
+    p.add_argument("--steps", type=int, help="step count for --sampler (overrides a count in the spec); "
+                   "triton: the sampling model's default steps")
     p.add_argument("--guidance-scale", type=float, help="default guidance scale of a --sampler graph (> 1: CFG "
-                                                        "inside the graph, with the scale as an input)")
+                                                        "inside the graph, with the scale as an input); triton: the "
+                                                        "sampling model's default")
     p.add_argument("--max-batch", type=int, default=16, help="triton: most images per batch of the sampling model")
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help="triton: dynamic batching delay")
     p.add_argument("--scheduler", help="triton: the sampling model's scheduler (default: the model's own)")

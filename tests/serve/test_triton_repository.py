@@ -75,6 +75,17 @@ def test_refuses_what_it_cannot_export(tmp_path):
         export_triton("digits", tmp_path / "out", max_batch=0)
 
 
+@pytest.mark.parametrize("argv", [["export", "digits", "--format", "triton", "--sampler", "onestep", "--out", "r"],
+                                  ["export", "digits", "--format", "triton", "--max-batch", "0", "--out", "r"]],
+                         ids=["sampler", "max-batch"])
+def test_cli_errors_are_one_line(argv, capsys, tmp_path, monkeypatch):
+    from tests.cli_helpers import one_line_error
+
+    monkeypatch.chdir(tmp_path)
+    one_line_error(argv, capsys)
+    assert not (tmp_path / "r").exists()
+
+
 def free_ports(n):
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
