@@ -17,6 +17,8 @@ import torch
 from fastdiff._atomic import atomic_write_bytes
 from fastdiff._checks import check_int
 from fastdiff.errors import InvalidInput, ModelConfigError, ModelNotFound
+from fastdiff.models.coalescer_net import FORMAT as COALESCER_FORMAT
+from fastdiff.models.coalescer_net import load_coalescer
 from fastdiff.models.label_unet import LabelConditionedUNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -24,6 +26,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 EMBEDDED: dict[str, str] = {
     "digits": "class-conditional 16x16 digits UNet (DPM-Solver++ 20 steps, CFG 1.5)",
     "digits-onestep": "one-step student distilled from 'digits' (1 step, no CFG)",
+    "digits-coalescer": "coalescer network on the digits data, no teacher (1 or 2 steps)",
 }
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -178,6 +181,8 @@ def load(name_or_path: str | os.PathLike, device: torch.device | str | None = No
 
     d = resolve(name_or_path)
     cfg = read_config(d)
+    if cfg.get("format") == COALESCER_FORMAT:  # a coalescer network, not a UNet (fastdiff.distill.coalescer)
+        return load_coalescer(d, cfg, device=device, dtype=dtype)
     check_config(cfg, str(d / CONFIG_NAME))
     try:
         unet = UNet2DConditionModel.from_config(cfg["unet"])
