@@ -1,10 +1,10 @@
 """Train a coalescer network (no teacher) and generate with it: fixed steps, adaptive steps, guidance.
 
 Training step (batch ``B``): draw pairs from the data and take their labels as the conditions ``DE`` (a fraction
-``label_dropout`` replaced by the null label, for CFG); draw points ``R ~ N(0, I)`` in latent space -- and, for a
-fraction ``refine_fraction`` of the batch, ``R = x + sigma z`` near a data image ``x`` of that condition (``sigma ~
-U(0.05, 1)``), so that a second step, taken from a point near the data, is not outside what the network saw; look up
-the stored pair nearest to ``concat(desc_scale * onehot(DE), R)`` in the faiss index
+``label_dropout`` replaced by the null label, for CFG); draw points ``R = prior_scale * z``, ``z ~ N(0, I)``, in
+latent space -- and, for a fraction ``refine_fraction`` of the batch, ``R = x + sigma z`` near a data image ``x``
+of that condition (``sigma ~ U(0.05, 1)``), so that a second step, taken from a point near the data, is not outside
+what the network saw; look up the stored pair nearest to ``concat(desc_scale * onehot(DE), R)`` in the faiss index
 (:mod:`fastdiff.distill.coalescer_index`); its image ``I`` is the target::
 
     loss = distance_weight * (distance - |I - R|)^2 + sqrt(|direction - normalize(I - R)|)
@@ -67,6 +67,7 @@ class CoalescerTrainSpec:
     distance_weight: float | None = None  # None: 1 / latent size
     num_steps: int = 2
     ema_decay: float = 0.995
+    prior_scale: float = 1.0
 
     def check(self) -> None:
         for k in ("steps", "batch_size", "hidden", "depth", "embed_dim", "num_steps"):
@@ -77,6 +78,8 @@ class CoalescerTrainSpec:
             v = getattr(self, k)
             if not 0.0 <= v < 1.0:
                 raise InvalidInput(f"{k} must be in [0, 1), got {v!r}")
+        if not 0 < self.prior_scale < math.inf:
+            raise InvalidInput(f"prior_scale must be a finite number > 0, got {self.prior_scale!r}")
         if not self.lr > 0 or (self.distance_weight is not None and not self.distance_weight >= 0):
             raise InvalidInput(f"lr must be > 0 and distance_weight >= 0, got {self.lr!r}, {self.distance_weight!r}")
 
@@ -98,7 +101,7 @@ def build_model(spec: CoalescerTrainSpec, latent_shape, num_classes: int, name: 
     if h != w:
         raise InvalidInput(f"coalescers take square latents, got {h}x{w}")
     cfg = CoalescerConfig(in_channels=c, sample_size=h, cross_attention_dim=spec.embed_dim, hidden=spec.hidden,
-                          depth=spec.depth, num_steps=spec.num_steps)
+                          depth=spec.depth, num_steps=spec.num_steps, prior_scale=float(spec.prior_scale))
     return CoalescerModel(CoalescerNet(cfg), num_classes, name=name)
 
 
@@ -175,10 +178,10 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
         pick = torch.randint(0, n, (spec.batch_size,), generator=gen)
         y = labels[pick].clone()
         y[torch.rand(spec.batch_size, generator=gen) < spec.label_dropout] = k
-        r = torch.randn((spec.batch_size, *shape), generator=gen)
+        z = torch.randn((spec.batch_size, *shape), generator=gen)
         near = torch.rand(spec.batch_size, generator=gen) < spec.refine_fraction
         sigma = 0.05 + 0.95 * torch.rand(spec.batch_size, generator=gen)
-        r = torch.where(near.view(-1, 1, 1, 1), latents[pick] + sigma.view(-1, 1, 1, 1) * r, r)
+        r = torch.where(near.view(-1, 1, 1, 1), latents[pick] + sigma.view(-1, 1, 1, 1) * z, spec.prior_scale * z)
         target = latents[index.nearest(y, r)]
         for grp in opt.param_groups:
             grp["lr"] = _lr_at(step, spec.steps, spec.lr)
@@ -231,12 +234,12 @@ def guided_target(model: CoalescerModel, x: torch.Tensor, labels: torch.Tensor, 
 @torch.no_grad()
 def generate(model: CoalescerModel, labels: torch.Tensor, noise: torch.Tensor, steps: int = 1,
              guidance: float = 1.0, adaptive_threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, steps used per sample) from ``noise`` (the points ``R``).
+    """(images, steps used per sample) from unit ``noise`` ``z`` (the points ``R = prior_scale * z``).
 
     ``steps``: how many steps (at most the model's ``num_steps``); with ``adaptive_threshold``, ``steps`` is the
     most taken and a sample stops after a step whose direction is at least that long (the network is sure)."""
     check_steps(model, steps)
-    x = noise.clone()
+    x = noise * model.unet.config.prior_scale
     used = torch.zeros(x.shape[0], dtype=torch.long)
     active = torch.ones(x.shape[0], dtype=torch.bool)
     for _ in range(steps):

@@ -17,8 +17,8 @@ def add_subcommands(sub) -> None:
     i = sub.add_parser("coalescer-index", help="faiss index of a model's training pairs (also under torchrun)")
     i.add_argument("--model", default="digits", help="the model whose latent space and data are indexed")
     i.add_argument("--out", required=True, help="index directory (shards, pairs, index.faiss, manifest)")
-    i.add_argument("--desc-scale", type=cli_number(minimum=0.0), default=8.0,
-                   help="weight of the condition part of the key (8: queries always stay in their class)")
+    i.add_argument("--desc-scale", type=cli_number(minimum=0.0), default=32.0,
+                   help="weight of the condition part of the key (32: queries from R = 4 z stay in their class)")
     i.add_argument("--index-type", default="flat", choices=("flat", "hnsw", "ivf"))
     i.add_argument("--shard-size", type=cli_int(1), default=500)
     i.add_argument("--no-progress", action="store_true")
@@ -37,6 +37,8 @@ def add_subcommands(sub) -> None:
     t.add_argument("--label-dropout", type=cli_number(0.0, 1.0), default=0.1)
     t.add_argument("--refine-fraction", type=cli_number(0.0, 1.0), default=0.25)
     t.add_argument("--max-steps", type=cli_int(1), default=2, help="the most sampling steps the model supports")
+    t.add_argument("--prior-scale", type=cli_number(minimum=0.0), default=4.0,
+                   help="starting points R = prior_scale * N(0, I) (4: see docs/notes/coalescer.md)")
     t.add_argument("--seed", type=cli_int(None), default=0)
     t.add_argument("--save-every", type=cli_int(1), default=250)
     t.add_argument("--threads", type=cli_int(1), default=None)
@@ -76,7 +78,8 @@ def run(a: argparse.Namespace) -> int:
         index = load_index(a.index, model=a.model)
         spec = CoalescerTrainSpec(index_sha256=index.sha256, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                                   seed=a.seed, hidden=a.hidden, depth=a.depth, label_dropout=a.label_dropout,
-                                  refine_fraction=a.refine_fraction, num_steps=a.max_steps)
+                                  refine_fraction=a.refine_fraction, num_steps=a.max_steps,
+                                  prior_scale=float(a.prior_scale))
         train_coalescer(index, a.out, spec, checkpoint=a.checkpoint or str(Path(a.out)) + ".ckpt",
                         save_every=a.save_every, name=a.name or f"{a.model}-coalescer", progress=not a.no_progress,
                         stop_after=a.stop_after)

@@ -4,8 +4,10 @@ A pair is (condition, image latent): for ``digits`` the label and the 16x16 pixe
 The condition embedding is the label's one-hot vector, not the teacher's learned label embedding: a coalescer needs
 no teacher, and one-hot labels are all ``sqrt(2)`` apart, so ``desc_scale`` has one meaning for every pair of
 classes -- a query of class ``c`` reaches an image of another class only when that image is nearer in latent space
-by more than ``2 desc_scale^2`` in squared distance. The null label (classifier-free guidance) queries with a zero
-condition part, which is equally far (``desc_scale^2``) from every class, so it finds the nearest image of any class.
+by more than ``2 desc_scale^2`` in squared distance (measured on digits: queries ``R ~ N(0, I)`` stay in
+their class 14% of the time at desc_scale 1, 85% at 4, 100% at 8; ``R = 4 z`` needs 32). The null label
+(classifier-free guidance) queries with a zero condition part, which is equally far (``desc_scale^2``) from every
+class, so it finds the nearest image of any class.
 
 Building runs like the triplets (:mod:`fastdiff.distill.triplets`): pairs are split into shards of ``shard_size``,
 rank ``r`` of ``W`` (under ``torchrun``) encodes shards ``r, r+W, ...`` into latents (the costly part for latent
@@ -45,7 +47,7 @@ class IndexSpec:
     """What an index directory holds; a restart must use the same spec (checked against ``manifest.json``)."""
 
     model: str = "digits"
-    desc_scale: float = 8.0
+    desc_scale: float = 32.0
     index_type: str = "flat"
     shard_size: int = 500
 

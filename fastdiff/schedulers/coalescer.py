@@ -6,7 +6,8 @@ distance``; step ``i`` calls it at timestep ``i`` (the network ignores it) and t
     prev = m        (prediction_type "sample")
 
 Under classifier-free guidance the loop extrapolates the two predicted targets first (``m = m_u + g (m_c - m_u)``).
-``max_steps`` is the most steps the model was made for (a model folder's scheduler config states it).
+``max_steps`` is the most steps the model was made for and ``prior_scale`` the spread of its starting points
+``R = prior_scale * z`` (a model folder's scheduler config states both).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Coalescer(Scheduler):
     name = "coalescer"
     diffusers_class = ""  # no diffusers equivalent
     DEFAULTS = {**{k: v for k, v in COMMON_DEFAULTS.items() if k not in _NOT_HERE}, "prediction_type": "sample",
-                "max_steps": 2}
+                "max_steps": 2, "prior_scale": 1.0}
     PREDICTION_TYPES = ("sample",)
 
     def label(self) -> str:
@@ -34,6 +35,9 @@ class Coalescer(Scheduler):
         m = self["max_steps"]
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise InvalidInput(f"{self.label()}: max_steps must be an integer >= 1, got {m!r}")
+        p = self["prior_scale"]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < float("inf"):
+            raise InvalidInput(f"{self.label()}: prior_scale must be a finite number > 0, got {p!r}")
 
     @property
     def max_steps(self) -> int:
@@ -46,7 +50,8 @@ class Coalescer(Scheduler):
         rows = Rows(n)
         for i in range(n):
             rows.set(i, 0.0, 1.0, {"x0": 1.0})
-        return self._make_plan(list(range(n)), rows)
+        # unit noise z becomes the starting point R = prior_scale * z (the loop multiplies by init_noise_sigma)
+        return self._make_plan(list(range(n)), rows, init_noise_sigma=float(self["prior_scale"]))
 
     def to_diffusers(self):
         raise InvalidInput("the coalescer scheduler has no diffusers equivalent")

@@ -47,9 +47,10 @@ def random_index(n: int = 300, seed: int = 0, index_type: str = "flat", desc_sca
     return CoalescerIndex(spec, latents, labels, K, build_faiss(make_keys(latents, labels, K, desc_scale), index_type))
 
 
-def tiny_model(seed: int = 0, num_steps: int = 2):
+def tiny_model(seed: int = 0, num_steps: int = 2, prior_scale: float = 1.0):
     torch.manual_seed(seed)
-    spec = CoalescerTrainSpec(index_sha256="t", hidden=32, depth=1, embed_dim=8, num_steps=num_steps)
+    spec = CoalescerTrainSpec(index_sha256="t", hidden=32, depth=1, embed_dim=8, num_steps=num_steps,
+                              prior_scale=prior_scale)
     return build_model(spec, SHAPE, K, "tiny-coalescer").eval().requires_grad_(False)
 
 
@@ -115,7 +116,7 @@ def _generate_reference(model, labels, noise, steps, g):
         d, v = net.heads(x, emb[lab].unsqueeze(1))
         return x + v * (d / v.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
 
-    x = noise.double()
+    x = noise.double() * model.unet.config.prior_scale
     null = torch.full_like(labels, K)
     for _ in range(steps):
         t_c = target(x, labels)
@@ -124,9 +125,9 @@ def _generate_reference(model, labels, noise, steps, g):
     return x.float()
 
 
-@pytest.mark.parametrize("steps,g", [(1, 1.0), (2, 1.0), (1, 2.0), (2, 1.5)])
-def test_sampler_and_generate_match_the_reference(steps, g):
-    model = tiny_model()
+@pytest.mark.parametrize("steps,g,prior", [(1, 1.0, 1.0), (2, 1.0, 3.0), (1, 2.0, 1.0), (2, 1.5, 4.0)])
+def test_sampler_and_generate_match_the_reference(steps, g, prior):
+    model = tiny_model(prior_scale=prior)
     labels = torch.arange(6) % K
     noise = torch.randn((6, *SHAPE), generator=torch.Generator().manual_seed(1))
     want = _generate_reference(model, labels, noise, steps, g)
