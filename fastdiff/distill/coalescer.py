@@ -136,11 +136,13 @@ def _lr_at(step: int, total: int, lr: float) -> float:
 
 def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSpec, *, checkpoint=None,
                     save_every: int = 500, name: str = "digits-coalescer", progress: bool = True,
-                    log_every: int = 250, stop_after: int | None = None, metadata: dict | None = None):
+                    log_every: int = 250, stop_after: int | None = None, metadata: dict | None = None,
+                    defaults: dict | None = None):
     """Train on a loaded :class:`~fastdiff.distill.coalescer_index.CoalescerIndex`; save the EMA model to ``out``.
 
     ``checkpoint``: a file path; resumed from when it exists (same spec), written every ``save_every`` steps.
     ``stop_after`` (testing): return after that many steps of this call, as a killed job would (no final save).
+    ``defaults``: the sampling defaults stored with the model (scheduler, num_inference_steps, guidance_scale).
     Returns the EMA model.
     """
     from tqdm.auto import tqdm
@@ -168,8 +170,7 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
             opt.load_state_dict(ck["opt"])
             gen.set_state(ck["generator"])
             start, avg = int(ck["step"]), ck["avg"]
-            if progress:
-                print(f"resuming from {ckpt} at step {start}", flush=True)
+            print(f"resuming from {ckpt} at step {start}", flush=True)  # also without progress: it changes the run
     t0 = time.time()
     parts = {}
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc="train coalescer",
@@ -209,7 +210,9 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
                 "index_spec": asdict(index.spec), "final_loss_ema": avg, "wall_s_this_run": round(time.time() - t0, 1),
                 "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
                 **(metadata or {})}
-        save_coalescer(ema, out, metadata=meta)
+        if defaults is not None:
+            check_steps(ema, int(defaults.get("num_inference_steps", 1)))
+        save_coalescer(ema, out, metadata=meta, defaults=defaults)
         if progress:
             print(f"saved coalescer to {out} ({spec.steps} steps, {meta['wall_s_this_run']:.0f}s)", flush=True)
     return ema

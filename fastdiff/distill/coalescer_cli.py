@@ -39,6 +39,9 @@ def add_subcommands(sub) -> None:
     t.add_argument("--max-steps", type=cli_int(1), default=2, help="the most sampling steps the model supports")
     t.add_argument("--prior-scale", type=cli_number(minimum=0.0), default=4.0,
                    help="starting points R = prior_scale * N(0, I) (4: see docs/notes/coalescer.md)")
+    t.add_argument("--guidance", type=cli_number(), default=1.5,
+                   help="default CFG scale stored with the model (1.5: best FD in docs/notes/coalescer.md)")
+    t.add_argument("--default-steps", type=cli_int(1), default=1, help="default sampling steps stored with the model")
     t.add_argument("--seed", type=cli_int(None), default=0)
     t.add_argument("--save-every", type=cli_int(1), default=250)
     t.add_argument("--threads", type=cli_int(1), default=None)
@@ -82,7 +85,8 @@ def run(a: argparse.Namespace) -> int:
                                   prior_scale=float(a.prior_scale))
         train_coalescer(index, a.out, spec, checkpoint=a.checkpoint or str(Path(a.out)) + ".ckpt",
                         save_every=a.save_every, name=a.name or f"{a.model}-coalescer", progress=not a.no_progress,
-                        stop_after=a.stop_after)
+                        stop_after=a.stop_after, defaults={"scheduler": "coalescer", "guidance_scale": a.guidance,
+                                                            "num_inference_steps": a.default_steps})
         return 0
     from fastdiff.distill.coalescer_eval import evaluate_settings, format_table
 

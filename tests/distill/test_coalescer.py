@@ -234,3 +234,38 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "no complete coalescer index" in err
     err = one_line_error(["distill", "coalescer-index", "--model", "shapes", "--out", str(tmp_path / "i")], capsys)
     assert "no training pairs" in err
+
+
+def test_cli_builds_trains_resumes_and_the_model_samples(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from fastdiff.cli import main
+
+    idx, out = tmp_path / "idx", tmp_path / "model"
+    assert main(["distill", "coalescer-index", "--out", str(idx), "--no-progress"]) == 0
+    train = ["distill", "coalescer-train", "--index", str(idx), "--out", str(out), "--steps", "4", "--hidden", "16",
+             "--depth", "1", "--batch-size", "8", "--save-every", "2", "--no-progress"]
+    assert main([*train, "--stop-after", "2"]) == 0  # a job killed after its first checkpoint
+    assert not out.exists() and load_checkpoint(tmp_path / "model.ckpt")["step"] == 2
+    assert main(train) == 0
+    assert "resuming from" in capsys.readouterr().out
+    img = fastdiff.sample(model=str(out), num_inference_steps=2, class_labels=[3, 4], guidance_scale=1.0,
+                          output_type="latent", progress=False)
+    assert img.shape == (2, 1, 16, 16) and torch.isfinite(img).all()
+    with pytest.raises(InvalidInput, match="1 to 2 steps"):
+        fastdiff.sample(model=str(out), num_inference_steps=3, class_labels=[3], progress=False)
+
+
+def test_onnx_export_matches_torch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fastdiff.export.coalescer import export_coalescer
+
+    model = tiny_model(prior_scale=2.0)
+    rep = export_coalescer(model, tmp_path / "onnx", steps=2, guidance=1.5)
+    assert rep.parity_rel_err is not None and rep.parity_rel_err <= 1e-4
+    import onnxruntime as ort
+
+    noise, labels = torch.randn((5, *SHAPE)), torch.arange(5) % K  # another batch size than the example's
+    got = ort.InferenceSession(str(rep.path)).run(["image"], {"noise": noise.numpy(), "labels": labels.numpy()})[0]
+    want = generate(model, labels, noise, 2, 1.5)[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
