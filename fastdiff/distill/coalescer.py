@@ -55,11 +55,11 @@ class CoalescerTrainSpec:
     """Everything that determines a training run (a checkpoint resumes only under the same spec)."""
 
     index_sha256: str
-    steps: int = 3000
+    steps: int = 5000
     batch_size: int = 256
     lr: float = 1e-3
     seed: int = 0
-    hidden: int = 1024
+    hidden: int = 512
     depth: int = 2
     embed_dim: int = 32
     label_dropout: float = 0.1
@@ -156,6 +156,8 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
     dw = spec.distance_weight if spec.distance_weight is not None else 1.0 / latents[0].numel()
     torch.manual_seed(spec.seed)
     model = build_model(spec, shape, k, name).train()
+    if defaults is not None:  # a default the model cannot sample with is refused before training, not after
+        check_steps(model, defaults.get("num_inference_steps", 1))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(spec.seed)
@@ -210,8 +212,6 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
                 "index_spec": asdict(index.spec), "final_loss_ema": avg, "wall_s_this_run": round(time.time() - t0, 1),
                 "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
                 **(metadata or {})}
-        if defaults is not None:
-            check_steps(ema, int(defaults.get("num_inference_steps", 1)))
         save_coalescer(ema, out, metadata=meta, defaults=defaults)
         if progress:
             print(f"saved coalescer to {out} ({spec.steps} steps, {meta['wall_s_this_run']:.0f}s)", flush=True)

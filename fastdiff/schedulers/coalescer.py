@@ -14,13 +14,27 @@ from __future__ import annotations
 
 from fastdiff.errors import InvalidInput
 from fastdiff.schedulers.base import COMMON_DEFAULTS, Rows, Scheduler
+from fastdiff.schedulers.docs import documented
 from fastdiff.schedulers.plan import StepPlan
 
 _NOT_HERE = ("timestep_spacing", "steps_offset")
 
 
+@documented(keys={
+    "max_steps": ("int", "the most steps the coalescer model supports (more are refused with this limit named)."),
+    "prior_scale": ("float", "the starting points are ``prior_scale * z`` for unit noise ``z`` (the model's "
+                             "training prior)."),
+}, notes={
+    "prediction_type": 'Only ``"sample"``: the model returns the point it jumps to.',
+})
 class Coalescer(Scheduler):
-    """``prev = model output`` at every step, timesteps ``0, 1, ...``; at most ``max_steps`` steps."""
+    """``prev = model output`` at every step, timesteps ``0, 1, ...``; at most ``max_steps`` steps.
+
+    Args:
+        {args}
+
+    The noise-schedule keys are accepted (a model's config may carry them) and not used.
+    """
 
     name = "coalescer"
     diffusers_class = ""  # no diffusers equivalent
