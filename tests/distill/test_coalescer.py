@@ -269,3 +269,19 @@ def test_onnx_export_matches_torch(tmp_path):
     got = ort.InferenceSession(str(rep.path)).run(["image"], {"noise": noise.numpy(), "labels": labels.numpy()})[0]
     want = generate(model, labels, noise, 2, 1.5)[0]
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_embedded_digits_coalescer_loads_by_name_and_samples():
+    from fastdiff.models import available_models
+    from fastdiff.models.coalescer_net import CoalescerModel
+
+    assert "digits-coalescer" in available_models()
+    m = load("digits-coalescer")
+    assert isinstance(m, CoalescerModel) and m.name == "digits-coalescer" and not m.training
+    assert m.defaults == {"scheduler": "coalescer", "num_inference_steps": 2, "guidance_scale": 1.5}
+    for steps in (1, 2):
+        img = fastdiff.sample(model="digits-coalescer", num_inference_steps=steps, class_labels=list(range(10)),
+                              generator=torch.Generator().manual_seed(0), output_type="latent", progress=False)
+        assert img.shape == (10, 1, 16, 16) and torch.isfinite(img).all()
+    with pytest.raises(InvalidInput, match="1 to 2 steps"):
+        fastdiff.sample(model="digits-coalescer", num_inference_steps=4, class_labels=[1], progress=False)
