@@ -41,7 +41,7 @@ def add_subcommands(sub) -> None:
                    help="starting points R = prior_scale * N(0, I) (4: see docs/notes/coalescer.md)")
     t.add_argument("--guidance", type=cli_number(), default=1.5,
                    help="default CFG scale stored with the model (1.5: best FD in docs/notes/coalescer.md)")
-    t.add_argument("--default-steps", type=cli_int(1), default=1, help="default sampling steps stored with the model")
+    t.add_argument("--default-steps", type=cli_int(1), default=2, help="default sampling steps stored with the model")
     t.add_argument("--seed", type=cli_int(None), default=0)
     t.add_argument("--save-every", type=cli_int(1), default=250)
     t.add_argument("--threads", type=cli_int(1), default=None)

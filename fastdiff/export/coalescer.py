@@ -10,6 +10,7 @@ the same at every batch size (batch is dynamic).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,9 @@ def export_coalescer(model, out_dir, steps: int | None = None, guidance: float |
     example = (torch.randn((2, *shape), generator=g), torch.arange(2) % m.num_classes)
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # noise and labels share the batch dimension on purpose; the exporter says so in a UserWarning
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
             prog = torch.onnx.export(graph, example, dynamo=True, opset_version=opset or 18, verbose=False,
                                      input_names=["noise", "labels"], output_names=["image"],
                                      dynamic_shapes={"noise": {0: batch}, "labels": {0: batch}})
