@@ -161,13 +161,14 @@ def scheduler_config(num_steps: int, prior_scale: float = 1.0) -> dict:
 
 
 def save_coalescer(model: CoalescerModel, directory: str | os.PathLike, *, metadata: dict | None = None,
-                   defaults: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a model folder (``config.json`` + ``model.safetensors`` in ``dtype``), each file atomically."""
+                   defaults: dict | None = None, dtype: torch.dtype = torch.float16, name: str | None = None) -> Path:
+    """Write a model folder (``config.json`` + ``model.safetensors`` in ``dtype``), each file atomically;
+    ``name``: the name stored in its config (default: the model's)."""
     from safetensors.torch import save as st_save
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    cfg = {"format": FORMAT, "name": model.name, "num_classes": model.num_classes,
+    cfg = {"format": FORMAT, "name": name or model.name, "num_classes": model.num_classes,
            "net": asdict(model.unet.config), "scheduler": dict(model.scheduler_config),
            "defaults": dict(defaults if defaults is not None else model.defaults), "metadata": dict(metadata or {})}
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}

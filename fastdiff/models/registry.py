@@ -18,7 +18,7 @@ from fastdiff._atomic import atomic_write_bytes
 from fastdiff._checks import check_int
 from fastdiff.errors import InvalidInput, ModelConfigError, ModelNotFound
 from fastdiff.models.coalescer_net import FORMAT as COALESCER_FORMAT
-from fastdiff.models.coalescer_net import load_coalescer
+from fastdiff.models.coalescer_net import CoalescerModel, load_coalescer, save_coalescer
 from fastdiff.models.label_unet import LabelConditionedUNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -217,8 +217,12 @@ def save(model: LabelConditionedUNet, directory: str | os.PathLike, *, scheduler
     """Write ``model`` to ``directory`` (config.json + model.safetensors), each file atomically (tmp + os.replace).
 
     ``scheduler_config`` defaults to ``model.scheduler_config``; ``dtype`` is the storage dtype of the weights.
+    A coalescer model is written as one (``scheduler_config`` comes from its network there).
     """
     from safetensors.torch import save as st_save
+
+    if isinstance(model, CoalescerModel):
+        return save_coalescer(model, directory, metadata=metadata, defaults=defaults, dtype=dtype, name=name)
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

@@ -285,3 +285,31 @@ def test_embedded_digits_coalescer_loads_by_name_and_samples():
         assert img.shape == (10, 1, 16, 16) and torch.isfinite(img).all()
     with pytest.raises(InvalidInput, match="1 to 2 steps"):
         fastdiff.sample(model="digits-coalescer", num_inference_steps=4, class_labels=[1], progress=False)
+
+
+def test_bad_coalescer_folders_get_clear_errors(tmp_path):
+    import json
+
+    from fastdiff.errors import ModelConfigError, ModelNotFound
+    from fastdiff.models import save
+
+    good = save(tiny_model(), tmp_path / "good", name="renamed")  # fastdiff.models.save knows coalescers too
+    assert load(good).name == "renamed"
+    cfg = json.loads((good / "config.json").read_text())
+    for i, (key, value, error, match) in enumerate([
+        ("net", None, ModelConfigError, "needs 'net'"),
+        ("net", {**cfg["net"], "hidden": 0}, ModelConfigError, "hidden must be an integer >= 1"),
+        ("net", {**cfg["net"], "prior_scale": -1.0}, ModelConfigError, "prior_scale"),
+        ("net", {**cfg["net"], "colour": 3}, ModelConfigError, "bad 'net'"),
+        ("net", {**cfg["net"], "hidden": 64}, ModelNotFound, "do not match the config"),
+    ]):
+        d = tmp_path / f"bad{i}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
+        (d / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(error, match=match):
+            load(d)
+    (tmp_path / "bad0" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "bad0" / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(ModelNotFound, match="cannot read weights"):
+        load(tmp_path / "bad0")
