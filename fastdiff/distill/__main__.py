@@ -1,4 +1,5 @@
-"""``python -m fastdiff.distill``: ``generate`` triplets (also under torchrun) and ``train`` a one-step student.
+"""``python -m fastdiff.distill``: ``generate`` triplets (also under torchrun) and ``train`` a one-step student;
+``coalescer-index`` / ``coalescer-train`` / ``coalescer-eval``: coalescer networks (:mod:`fastdiff.distill.coalescer`).
 
     torchrun --nproc_per_node 2 -m fastdiff.distill generate --teacher digits --out runs/digits-triplets -n 10000
     python -m fastdiff.distill train --teacher digits --triplets runs/digits-triplets \\
