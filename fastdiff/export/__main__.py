@@ -84,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "onnx":
             if args.model.endswith(".onnx"):
                 raise ExportError(f"{args.model} is already an ONNX file; use --format tensorrt to build an engine")
-            report = export_onnx(args.model, args.out, **common)
+            from fastdiff.export.coalescer import export_coalescer, is_coalescer
+
+            if is_coalescer(args.model):  # not a UNet: the whole coalescer sampler is one small graph
+                report = export_coalescer(args.model, args.out, steps=args.steps, guidance=args.guidance_scale,
+                                          parity=not args.no_parity, tol=args.parity_tol, opset=args.opset)
+            else:
+                report = export_onnx(args.model, args.out, **common)
         elif args.format == "triton":
             from fastdiff.export.triton_repository import export_triton
 

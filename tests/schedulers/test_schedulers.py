@@ -154,6 +154,8 @@ def test_base_config_matches_diffusers_from_config():
 @pytest.mark.parametrize("name", list(NAMES))
 def test_to_diffusers_round_trip(name):
     s = get_scheduler(name, **({} if name == "lcm" else SD))
+    if not s.diffusers_class:
+        pytest.skip(f"{name!r} has no diffusers equivalent")
     d = s.to_diffusers()
     assert type(d).__name__ == s.diffusers_class
     n = min(4, s.max_steps)
