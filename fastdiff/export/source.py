@@ -148,6 +148,12 @@ def resolve_model(model: Any) -> ModelSource:
 
 
 def _from_label_model(model: torch.nn.Module, name: str, origin: str) -> ModelSource:
+    from fastdiff.models.coalescer_net import CoalescerModel
+
+    if isinstance(model, CoalescerModel):  # its network is no UNet: only its whole sampler exports (one small graph)
+        raise InvalidInput(f"{name} is a coalescer network, not a UNet: export it with --format onnx (the whole "
+                           "1-2 step sampler as one graph, fastdiff.export.coalescer.export_coalescer); TensorRT "
+                           "engines and Triton model repositories are built for UNets")
     model = model.eval()
     facts = unet_facts(model.unet, model)
     model_cfg = getattr(model, "model_config", {}) or {}

@@ -313,3 +313,33 @@ def test_bad_coalescer_folders_get_clear_errors(tmp_path):
     (tmp_path / "bad0" / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(ModelNotFound, match="cannot read weights"):
         load(tmp_path / "bad0")
+
+
+@pytest.mark.parametrize("fmt", ["tensorrt", "triton"])
+def test_unet_only_exports_refuse_a_coalescer_clearly(fmt, tmp_path, capsys):
+    """TensorRT engines and Triton repositories are built for UNets: a coalescer model gets a one-line error that
+    names the route that works (it used to be an AttributeError from deep inside the UNet exporter)."""
+    from fastdiff.export.__main__ import main
+
+    assert main(["digits-coalescer", "--format", fmt, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "coalescer network, not a UNet" in err and "--format onnx" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_backends_refuse_a_coalescer_clearly():
+    with pytest.raises(InvalidInput, match="CoalescerNet, not a UNet"):
+        fastdiff.Sampler("digits-coalescer", backend="onnxruntime")
+
+
+def test_the_models_own_step_count_is_the_default():
+    """fastdiff.sample(model=...) without num_inference_steps takes the model's own default (2 for this one);
+    diffusers' usual 20 would only raise 'out of range' for a 2-step model."""
+    sampler = fastdiff.Sampler("digits-coalescer")
+    got = sampler.sample(class_labels=torch.tensor([3]), output_type="latent", progress=False,
+                         generator=torch.Generator().manual_seed(0))
+    want = sampler.sample(num_inference_steps=sampler.label_model.defaults["num_inference_steps"],
+                          guidance_scale=sampler.label_model.defaults["guidance_scale"],
+                          class_labels=torch.tensor([3]), output_type="latent", progress=False,
+                          generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
