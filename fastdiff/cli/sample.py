@@ -84,7 +84,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``sample`` subcommand."""
     p = subparsers.add_parser("sample", help="draw digits with the embedded model and write a labelled PNG grid",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits", help="embedded model name (digits, digits-onestep) or model dir")
+    p.add_argument("--model", default="digits", help="embedded model name (digits, digits-onestep, "
+                   "digits-consistency) or model dir")
     p.add_argument("--labels", default=None, help="digits to draw, e.g. 0-9 (default), 3,1,4")
     p.add_argument("--num-per-label", type=cli_int(1), default=1, help="images per digit (grid rows)")
     p.add_argument("--scheduler", default=None, help="dpmpp_2m, ddim, euler, euler_a, unipc, ddpm, lcm, onestep "
@@ -108,7 +109,8 @@ def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, schedu
     """Images (PIL, column by column: all of ``labels[0]`` first) and the sampler used.
 
     Image ``j`` of label ``k`` starts from noise seeded by ``(stream_seed(seed, "sample"), k * 10000 + j)``
-    (see the module docstring). ``None`` settings take the
+    (see the module docstring); stochastic samplers (``lcm``) draw their per-step noise from
+    ``stream_seed(seed, "sample-steps")``. ``None`` settings take the
     model's defaults (``model.defaults``)."""
     from fastdiff.models.generate import make_noise, make_sampler, stream_seed
 
@@ -121,7 +123,8 @@ def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, schedu
     size = model.unet.config.sample_size
     noise = make_noise(stream_seed(seed, "sample"), ids, (model.unet.config.in_channels, size, size))
     images = sampler.sample(num_inference_steps=steps, guidance_scale=g, class_labels=y.to(sampler.device),
-                            latents=noise.to(sampler.device, sampler.dtype), output_type="pil", progress=progress)
+                            latents=noise.to(sampler.device, sampler.dtype), output_type="pil", progress=progress,
+                            generator=torch.Generator().manual_seed(stream_seed(seed, "sample-steps")))
     return images, sampler, steps, g
 
 
