@@ -56,8 +56,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if s in EMBEDDED:
         d = WEIGHTS_DIR / s
         if not (d / WEIGHTS_NAME).is_file() or not (d / CONFIG_NAME).is_file():
-            hint = ("python -m fastdiff train digits" if s == "digits"
-                    else "python -m fastdiff distill generate ..., then python -m fastdiff distill train ...")
+            hint = {"digits": "python -m fastdiff train digits",
+                    "digits-consistency": "python -m fastdiff distill consistency --teacher digits --out ..."}.get(
+                s, "python -m fastdiff distill generate ..., then python -m fastdiff distill train ...")
             raise ModelNotFound(f"the weights of the embedded model {s!r} are missing from {d} (a broken install?); "
                                 f"reinstall fastdiff or rebuild them with `{hint}`")
         return d

@@ -5,6 +5,7 @@ LCM sampler against the consistency function, resume equality, and bad inputs.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +277,32 @@ def test_cli_consistency_errors(tmp_path, capsys):
     err = one_line_error(["distill", "consistency", "--teacher", str(tmp_path / "nowhere"), "--out",
                           str(tmp_path / "x"), "--steps", "1"], capsys)
     assert "nowhere" in err
+
+
+SHIPPED = (Path(digits.__file__).parent / "weights" / "digits-consistency" / "model.safetensors").exists()
+needs_shipped = pytest.mark.skipif(not SHIPPED, reason="digits-consistency weights are not shipped in this tree")
+
+
+@needs_shipped
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_shipped_student_samples_by_name(steps):
+    kw = dict(num_inference_steps=steps, guidance_scale=1.5, class_labels=[3, 8], output_type="latent",
+              progress=False)
+    a = fastdiff.sample(model="digits-consistency", generator=torch.Generator().manual_seed(0), **kw)
+    b = fastdiff.sample(model="digits-consistency", generator=torch.Generator().manual_seed(0), **kw)
+    assert a.shape == (2, 1, 16, 16) and torch.equal(a, b)  # seeded, the re-noising included
+    assert float(a.min()) >= -1.5 and float(a.max()) <= 1.5
+
+
+@needs_shipped
+def test_shipped_student_cli(tmp_path, capsys):
+    from fastdiff.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", "digits-consistency", "--steps", "4", "--labels", "0-2", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_size > 0 and "lcm 4 steps, CFG 1.5" in capsys.readouterr().out
+    err = one_line_error(["sample", "--model", "digits-consistency", "--steps", "9", "--out", str(out)], capsys)
+    assert "at most 8" in err
+    err = one_line_error(["sample", "--model", "digits-consistency", "--guidance", "4", "--out", str(out)], capsys)
+    assert "[1, 3]" in err
