@@ -84,8 +84,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``sample`` subcommand."""
     p = subparsers.add_parser("sample", help="draw digits with the embedded model and write a labelled PNG grid",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits", help="embedded model name (digits, digits-onestep, "
-                   "digits-consistency) or model dir")
+    p.add_argument("--model", default="digits", help="embedded model name (digits, digits-onestep) or model dir")
     p.add_argument("--labels", default=None, help="digits to draw, e.g. 0-9 (default), 3,1,4")
     p.add_argument("--num-per-label", type=cli_int(1), default=1, help="images per digit (grid rows)")
     p.add_argument("--scheduler", default=None, help="dpmpp_2m, ddim, euler, euler_a, unipc, ddpm, lcm, onestep "

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m fastdiff.distill generate --teacher digits --out runs/digits-triplets -n 10000
     python -m fastdiff.distill train --teacher digits --triplets runs/digits-triplets \\
         --out fastdiff/models/weights/digits-onestep --name digits-onestep
-    python -m fastdiff.distill consistency --teacher digits --out runs/digits-consistency --steps 600
+    python -m fastdiff.distill consistency --teacher digits --out runs/digits-consistency --steps 400
 """
 
 from __future__ import annotations

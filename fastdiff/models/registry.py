@@ -24,7 +24,6 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 EMBEDDED: dict[str, str] = {
     "digits": "class-conditional 16x16 digits UNet (DPM-Solver++ 20 steps, CFG 1.5)",
     "digits-onestep": "one-step student distilled from 'digits' (1 step, no CFG)",
-    "digits-consistency": "consistency student of 'digits' (LCM, 1-8 steps, CFG 1-3 folded in: one call per step)",
 }
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -56,9 +55,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if s in EMBEDDED:
         d = WEIGHTS_DIR / s
         if not (d / WEIGHTS_NAME).is_file() or not (d / CONFIG_NAME).is_file():
-            hint = {"digits": "python -m fastdiff train digits",
-                    "digits-consistency": "python -m fastdiff distill consistency --teacher digits --out ..."}.get(
-                s, "python -m fastdiff distill generate ..., then python -m fastdiff distill train ...")
+            hint = ("python -m fastdiff train digits" if s == "digits"
+                    else "python -m fastdiff distill generate ..., then python -m fastdiff distill train ...")
             raise ModelNotFound(f"the weights of the embedded model {s!r} are missing from {d} (a broken install?); "
                                 f"reinstall fastdiff or rebuild them with `{hint}`")
         return d
