@@ -217,7 +217,9 @@ def _other_objective(out: Path) -> str | None:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError):
         return None
-    meta = cfg.get("metadata") or {} if isinstance(cfg, dict) else {}
+    if not isinstance(cfg, dict):
+        return None
+    meta = cfg.get("metadata") or {}
     objective = meta.get("objective") or ("triplet-regression" if "triplets" in meta else None)
     if objective is None and (cfg.get("defaults") or {}).get("scheduler") == "onestep":
         objective = "triplet-regression"
