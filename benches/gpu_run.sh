@@ -70,14 +70,18 @@ if ! err=$(python3 -c "import fastdiff._C_cuda" 2>&1); then
     "${err##*$'\n'}" "see 'python3 -m fastdiff info' above and the build log"
 fi
 export FASTDIFF_BENCH_SAVE=1
+# FASTDIFF_PART_TIMEOUT=S stops each part's pytest after S seconds: the archive is written at the end, so a part that
+# overran a device call's limit would otherwise take the logs of the parts before it down with it.
+part_limit=${FASTDIFF_PART_TIMEOUT:-0}
+limited() { if [ "$part_limit" -gt 0 ]; then timeout -k 10 "$part_limit" "$@"; else "$@"; fi; }
 for what in "${@:-all}"; do
   case "$what" in
-    tests|all) python3 -m pytest -q -p no:cacheprovider -rs -m "cuda or ext" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;&
-    step|all) python3 -m pytest -q -p no:cacheprovider benches/bench_step.py --benchmark-only \
+    tests|all) limited python3 -m pytest -q -p no:cacheprovider -rs -m "cuda or ext" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;&
+    step|all) limited python3 -m pytest -q -p no:cacheprovider benches/bench_step.py --benchmark-only \
                 --benchmark-json="$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log" | tail -60 ;;&
-    model|all) [ -f benches/bench_model.py ] && python3 -m pytest -q -p no:cacheprovider benches/bench_model.py \
+    model|all) [ -f benches/bench_model.py ] && limited python3 -m pytest -q -p no:cacheprovider benches/bench_model.py \
                 --benchmark-only 2>&1 | tee "$OUT/bench_model.log" | tail -40 ;;&
-    pipeline|all) [ -f benches/bench_pipeline.py ] && python3 -m pytest -q -p no:cacheprovider \
+    pipeline|all) [ -f benches/bench_pipeline.py ] && limited python3 -m pytest -q -p no:cacheprovider \
                 benches/bench_pipeline.py --benchmark-only 2>&1 | tee "$OUT/bench_pipeline.log" | tail -30 ;;&
     *) ;;
   esac

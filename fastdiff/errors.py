@@ -63,3 +63,8 @@ class ModelNotFound(InvalidInput):
 class ModelConfigError(ModelNotFound):
     """A model folder's ``config.json`` cannot describe a model: not a JSON object, keys missing, values of the
     wrong type, or a network too large to build in this machine's memory."""
+
+
+class ServingUnavailable(FastDiffError, RuntimeError):
+    """``python -m fastdiff serve`` cannot run here: PyTriton / tritonclient missing or an environment the bundled
+    Triton server cannot use (the message says which and how to fix it)."""

@@ -41,7 +41,7 @@ def test_help_in_a_fresh_process_and_the_module_aliases(module_argv):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("usage: python -m " + " ".join(module_argv))
     if "export" in module_argv[-1]:
-        assert "--format {onnx,tensorrt}" in r.stdout and "--list-profiles" in r.stdout
+        assert "--format {onnx,tensorrt,triton}" in r.stdout and "--list-profiles" in r.stdout
 
 
 @pytest.mark.parametrize("argv", [[], ["nope"], ["sample", "--bogus"], ["sample", "--out", "grid.jpg"],

@@ -6,6 +6,8 @@
     python -m fastdiff export   MODEL --format onnx|tensorrt --out DIR ...
     python -m fastdiff distill  generate|train ... [--seed S] [--threads N] --out DIR
     python -m fastdiff train    digits [--seed S] [--threads N] [--out DIR] ...
+    python -m fastdiff serve    [--model M] [--http-port P] [--grpc-port P] [--max-batch N] ...
+    python -m fastdiff request  [--url U] --labels L | --prompt P [--seed S] --out x.png
 
 One module per subcommand, each with ``add_parser(subparsers)`` and ``run(args) -> exit status``. ``export``,
 ``distill`` and ``train`` take their options from the modules that own them (``fastdiff.export``,
@@ -24,7 +26,7 @@ import sys
 from fastdiff.errors import FastDiffError
 
 #: subcommand -> its module under fastdiff.cli (imported by name: "eval" would shadow the builtin as a name here)
-COMMANDS = ("sample", "eval", "info", "export", "distill", "train")
+COMMANDS = ("sample", "eval", "info", "export", "distill", "train", "serve", "request")
 
 
 def resolve_device(device: str | None) -> str:

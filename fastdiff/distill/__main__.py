@@ -1,4 +1,5 @@
-"""``python -m fastdiff.distill``: ``generate`` triplets (also under torchrun), ``train`` a one-step student,
+"""``python -m fastdiff.distill``: ``generate`` triplets (also under torchrun) and ``train`` a one-step student;
+``coalescer-index`` / ``coalescer-train`` / ``coalescer-eval``: coalescer networks (:mod:`fastdiff.distill.coalescer`);
 ``consistency``: a few-step consistency student with the guidance folded in (LCM).
 
     torchrun --nproc_per_node 2 -m fastdiff.distill generate --teacher digits --out runs/digits-triplets -n 10000
@@ -15,6 +16,7 @@ import sys
 import torch
 
 from fastdiff._checks import cli_int, cli_number
+from fastdiff.distill import coalescer_cli
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save-every", type=cli_int(0), default=0, help="also save the EMA every N steps")
     t.add_argument("--threads", type=cli_int(1), default=None)
     t.add_argument("--no-progress", action="store_true")
+    coalescer_cli.add_subcommands(sub)
 
     from fastdiff.distill.consistency import ConsistencySpec
 
@@ -83,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(a: argparse.Namespace) -> int:
     """Run a parsed ``generate`` / ``train`` command; returns the exit status."""
-    if a.threads:
+    if getattr(a, "threads", None):
         torch.set_num_threads(a.threads)
     from fastdiff.errors import FastDiffError
 
     try:
+        if a.distill_command.startswith("coalescer-"):
+            return coalescer_cli.run(a)
         if a.distill_command == "generate":
             from fastdiff.distill.triplets import TripletSpec, run_distributed
 

@@ -1,9 +1,10 @@
-"""``python -m fastdiff.export MODEL --format onnx|tensorrt --out DIR [options]``.
+"""``python -m fastdiff.export MODEL --format onnx|tensorrt|triton --out DIR [options]``.
 
 MODEL: an embedded model (``digits``, ``digits-onestep``), a fastdiff model folder (e.g. a distilled one-step
 student), a diffusers pipeline folder (with ``unet/``) or UNet folder, or - with ``--format tensorrt`` - an ``.onnx``
-file written by this command. Exit status: 0 done, 1 export / parity failure, 2 bad arguments or model, 3 backend
-unavailable.
+file written by this command. ``--format triton`` writes a Triton Inference Server model repository (the ONNX
+network and a Python-backend sampling model; see fastdiff.export.triton_repository). Exit status: 0 done, 1 export /
+parity failure, 2 bad arguments or model, 3 backend unavailable.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastdiff.errors import BackendUnavailable, ExportError, FastDiffError
+from fastdiff.errors import BackendUnavailable, ExportError, FastDiffError, InvalidInput
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m fastdiff.export out/sd15/model.onnx --format tensorrt --batch 1:2:4 --out out/sd15\n"
                "sizes are in model-input units (latents for latent models): --height 64 is 512 px for SD 1.5")
     p.add_argument("model", nargs="?", help="model name, folder, or .onnx file (tensorrt)")
-    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument("--format", choices=("onnx", "tensorrt", "triton"), default="onnx")
     p.add_argument("--out", help="output folder (created)")
     p.add_argument("--profile", help="export profile name (digits, sd15, sdxl, sd-turbo) or .toml path; default: "
                                      "the model family's, or one derived from the model")
@@ -37,9 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{dim} range inside the profile's (a single N makes it static)")
     p.add_argument("--sampler", help="export the whole sampling loop of a few-step sampler as one graph: onestep, "
                                      "lcm4, lcm:4, euler_a:2, dpmpp_2m:8 ...")
-    p.add_argument("--steps", type=int, help="step count for --sampler (overrides a count in the spec)")
+    p.add_argument("--steps", type=int, help="step count for --sampler (overrides a count in the spec); "
+                   "triton: the sampling model's default steps")
     p.add_argument("--guidance-scale", type=float, help="default guidance scale of a --sampler graph (> 1: CFG "
-                                                        "inside the graph, with the scale as an input)")
+                                                        "inside the graph, with the scale as an input); triton: the "
+                                                        "sampling model's default")
+    p.add_argument("--max-batch", type=int, default=16, help="triton: most images per batch of the sampling model")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000, help="triton: dynamic batching delay")
+    p.add_argument("--scheduler", help="triton: the sampling model's scheduler (default: the model's own)")
     p.add_argument("--no-parity", action="store_true", help="skip the onnxruntime / TensorRT vs PyTorch check")
     p.add_argument("--parity-tol", type=float, help="max relative error of the parity check (default: 1e-4 fp32, "
                                                     "2e-2 fp16)")
@@ -78,7 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "onnx":
             if args.model.endswith(".onnx"):
                 raise ExportError(f"{args.model} is already an ONNX file; use --format tensorrt to build an engine")
-            report = export_onnx(args.model, args.out, **common)
+            from fastdiff.export.coalescer import export_coalescer, is_coalescer
+
+            if is_coalescer(args.model):  # not a UNet: the whole coalescer sampler is one small graph
+                report = export_coalescer(args.model, args.out, steps=args.steps, guidance=args.guidance_scale,
+                                          parity=not args.no_parity, tol=args.parity_tol, opset=args.opset)
+            else:
+                report = export_onnx(args.model, args.out, **common)
+        elif args.format == "triton":
+            from fastdiff.export.triton_repository import export_triton
+
+            triton = {k: v for k, v in common.items() if k not in ("sampler", "steps", "guidance_scale")}
+            if args.sampler:
+                raise InvalidInput("--format triton exports the network; the sampling loop runs in the Python "
+                                   "model (drop --sampler)")
+            report = export_triton(args.model, args.out, max_batch=args.max_batch,
+                                   max_queue_delay_us=args.max_queue_delay_us, scheduler=args.scheduler,
+                                   steps=args.steps, guidance=args.guidance_scale, **triton)
         else:
             report = export_tensorrt(args.model, args.out, cache_dir=args.cache_dir, **common)
     except BackendUnavailable as e:

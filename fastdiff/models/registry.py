@@ -17,6 +17,8 @@ import torch
 from fastdiff._atomic import atomic_write_bytes
 from fastdiff._checks import check_int, check_number
 from fastdiff.errors import InvalidInput, ModelConfigError, ModelNotFound
+from fastdiff.models.coalescer_net import FORMAT as COALESCER_FORMAT
+from fastdiff.models.coalescer_net import CoalescerModel, load_coalescer, save_coalescer
 from fastdiff.models.label_unet import LabelConditionedUNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -24,6 +26,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 EMBEDDED: dict[str, str] = {
     "digits": "class-conditional 16x16 digits UNet (DPM-Solver++ 20 steps, CFG 1.5)",
     "digits-onestep": "one-step student distilled from 'digits' (1 step, no CFG)",
+    "digits-coalescer": "coalescer network on the digits data, no teacher (1 or 2 steps)",
 }
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -56,6 +59,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         d = WEIGHTS_DIR / s
         if not (d / WEIGHTS_NAME).is_file() or not (d / CONFIG_NAME).is_file():
             hint = ("python -m fastdiff train digits" if s == "digits"
+                    else "python -m fastdiff distill coalescer-index ..., then ... coalescer-train ..."
+                    if s.endswith("-coalescer")
                     else "python -m fastdiff distill generate ..., then python -m fastdiff distill train ...")
             raise ModelNotFound(f"the weights of the embedded model {s!r} are missing from {d} (a broken install?); "
                                 f"reinstall fastdiff or rebuild them with `{hint}`")
@@ -194,6 +199,8 @@ def load(name_or_path: str | os.PathLike, device: torch.device | str | None = No
 
     d = resolve(name_or_path)
     cfg = read_config(d)
+    if cfg.get("format") == COALESCER_FORMAT:  # a coalescer network, not a UNet (fastdiff.distill.coalescer)
+        return load_coalescer(d, cfg, device=device, dtype=dtype)
     check_config(cfg, str(d / CONFIG_NAME))
     try:
         unet = UNet2DConditionModel.from_config(cfg["unet"])
@@ -230,9 +237,13 @@ def save(model: LabelConditionedUNet, directory: str | os.PathLike, *, scheduler
 
     ``scheduler_config`` defaults to ``model.scheduler_config``; ``dtype`` is the storage dtype of the weights;
     ``limits`` (default ``model.limits``): the steps / guidance range a distilled model supports (written only when
-    there are some, so other folders keep their bytes).
+    there are some, so other folders keep their bytes). A coalescer model is written as one (``scheduler_config``
+    comes from its network there).
     """
     from safetensors.torch import save as st_save
+
+    if isinstance(model, CoalescerModel):
+        return save_coalescer(model, directory, metadata=metadata, defaults=defaults, dtype=dtype, name=name)
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

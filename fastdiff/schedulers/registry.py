@@ -16,6 +16,7 @@ from typing import Any
 from fastdiff._checks import check_int, check_number
 from fastdiff.errors import InvalidInput, UnknownScheduler
 from fastdiff.schedulers.base import Scheduler
+from fastdiff.schedulers.coalescer import Coalescer
 from fastdiff.schedulers.ddim import DDIM
 from fastdiff.schedulers.ddpm import DDPM
 from fastdiff.schedulers.dpmsolver import DPMSolverPP
@@ -36,6 +37,7 @@ NAMES: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
     "lcm": (LCM, {}),
     "onestep": (OneStep, {}),
     "onestep_euler_a": (EulerAncestral, {"timestep_spacing": "trailing"}),
+    "coalescer": (Coalescer, {}),
 }
 
 DIFFUSERS_CLASSES: dict[str, type[Scheduler]] = {
@@ -47,6 +49,8 @@ DIFFUSERS_CLASSES: dict[str, type[Scheduler]] = {
     "UniPCMultistepScheduler": UniPC,
     "LCMScheduler": LCM,
 }
+#: fastdiff schedulers with no diffusers class, by the ``_class_name`` a model folder's config gives them
+OWN_CLASSES: dict[str, type[Scheduler]] = {"CoalescerScheduler": Coalescer}
 
 
 def _known_keys(cls: type[Scheduler]) -> set[str]:
@@ -145,7 +149,7 @@ def from_diffusers(source: Any, class_name: str | None = None, **overrides: Any)
     if not cls_name:
         raise InvalidInput("the scheduler config has no '_class_name'; pass class_name='DDIMScheduler' (or the "
                            f"class it belongs to). {_supported_text()}")
-    cls = DIFFUSERS_CLASSES.get(cls_name)
+    cls = DIFFUSERS_CLASSES.get(cls_name) or OWN_CLASSES.get(cls_name)
     if cls is None:
         raise UnknownScheduler(
             f"diffusers scheduler {cls_name!r} is not supported; {_supported_text()}. To sample with a supported "

@@ -24,6 +24,7 @@ from fastdiff.schedulers import (
     Col,
     Scheduler,
     Thresholding,
+    base,
     from_diffusers,
     get_scheduler,
 )
@@ -153,6 +154,8 @@ def test_base_config_matches_diffusers_from_config():
 @pytest.mark.parametrize("name", list(NAMES))
 def test_to_diffusers_round_trip(name):
     s = get_scheduler(name, **({} if name == "lcm" else SD))
+    if not s.diffusers_class:
+        pytest.skip(f"{name!r} has no diffusers equivalent")
     d = s.to_diffusers()
     assert type(d).__name__ == s.diffusers_class
     n = min(4, s.max_steps)
@@ -232,3 +235,25 @@ def test_step_kwargs_for_diffusers():
     assert s.step_kwargs == {"eta": 0.4, "use_clipped_model_output": True}
     assert "eta" not in s.diffusers_config()
     assert set(s.step_kwargs) <= set(inspect.signature(diffusers.DDIMScheduler.step).parameters)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc", "ddim", "euler_a"])
+def test_plan_is_built_once_per_step_count(name, monkeypatch):
+    """plan(n) is cached per scheduler object: the second call builds nothing and returns the same table; another
+    step count or a replaced config builds its own (a cache keyed too loosely would hand back the wrong table)."""
+    sched = get_scheduler(name)
+    builds = []
+    real = type(sched)._plan
+    monkeypatch.setattr(type(sched), "_plan", lambda self, n: builds.append(n) or real(self, n))
+    first = sched.plan(12)
+    assert sched.plan(12) is first and builds == [12]
+    other = sched.plan(7)
+    assert builds == [12, 7] and other.num_steps == 7
+    fresh = get_scheduler(name).plan(12)
+    np.testing.assert_array_equal(first.coefs, fresh.coefs)
+    changed = sched.replace(prediction_type="v_prediction").plan(12)
+    assert builds[-1] == 12 and len(builds) == 4
+    assert not np.array_equal(changed.coefs, first.coefs)
+    for n in range(100, 100 + base.PLAN_CACHE_SIZE + 3):  # bounded: old step counts are dropped
+        sched.plan(n)
+    assert len(sched._plan_cache) == base.PLAN_CACHE_SIZE
