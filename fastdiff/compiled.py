@@ -91,7 +91,7 @@ class CompiledRunner(ModelRunner):
     def __init__(self, runner: ModelRunner, channels_last: bool = True, options: dict | None = None):
         self.inner = runner
         for attr in ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "needs_class_labels",
-                     "device", "dtype"):
+                     "time_cond_proj_dim", "device", "dtype"):
             setattr(self, attr, getattr(runner, attr))
         self.name = f"{runner.name}+compile"
         self.compile_seconds = 0.0

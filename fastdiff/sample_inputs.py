@@ -13,6 +13,7 @@ import torch
 from fastdiff._checks import check_int
 from fastdiff.backends.base import ModelRunner
 from fastdiff.errors import InvalidInput
+from fastdiff.models.folded_guidance import folded_guidance_cond
 
 #: how many offending values an error message lists (a 10-million-label batch must not become the message).
 SHOWN_VALUES = 10
@@ -107,7 +108,21 @@ def prepare_conditioning(
     num_images_per_prompt: int,
     latents: torch.Tensor | None,
 ) -> Conditioning:
-    """Build the (2B or B)-batch conditioning. ``label_model`` is a LabelConditionedUNet (or None)."""
+    """Build the (2B or B)-batch conditioning. ``label_model`` is a LabelConditionedUNet (or None).
+
+    A network with folded guidance (``runner.time_cond_proj_dim``) gets no CFG batch: the scale goes in as
+    ``timestep_cond`` (:mod:`fastdiff.models.folded_guidance`), one call per step."""
+    cond = _prepare_conditioning(runner, label_model, guidance_scale, encoder_hidden_states,
+                                 negative_encoder_hidden_states, class_labels, num_images_per_prompt, latents)
+    if runner.time_cond_proj_dim is not None:
+        cond.model_kwargs["timestep_cond"] = folded_guidance_cond(guidance_scale, cond.batch,
+                                                                  runner.time_cond_proj_dim, runner.device,
+                                                                  runner.dtype)
+    return cond
+
+
+def _prepare_conditioning(runner, label_model, guidance_scale, encoder_hidden_states, negative_encoder_hidden_states,
+                          class_labels, num_images_per_prompt, latents) -> Conditioning:
     n = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
     labels = None if class_labels is None else check_class_labels(class_labels)
     if label_model is not None and labels is not None and encoder_hidden_states is not None:
@@ -115,7 +130,7 @@ def prepare_conditioning(
         raise InvalidInput("a label-conditioned model was given both class_labels and encoder_hidden_states; pass "
                            "one of them (labels are turned into embeddings by the model)")
     conditional = runner.cross_attention_dim is not None or runner.needs_class_labels
-    cfg = conditional and guidance_scale > 1.0
+    cfg = conditional and guidance_scale > 1.0 and runner.time_cond_proj_dim is None
 
     if label_model is not None and encoder_hidden_states is None:
         if labels is None:

@@ -17,6 +17,7 @@ from fastdiff.backends.registry import make_runner
 from fastdiff.errors import InvalidInput
 from fastdiff.images import OUTPUT_TYPES, to_images
 from fastdiff.loop import GraphCache, check_graph_device, run_loop, split_backend
+from fastdiff.models.folded_guidance import check_limits
 from fastdiff.models.label_unet import is_label_model
 from fastdiff.pipelines import scheduler_with_eta
 from fastdiff.sample_inputs import check_generator, check_latents, prepare_conditioning
@@ -162,6 +163,7 @@ class UNetSampler:
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise InvalidInput(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         plan = self.plan(num_inference_steps, eta)
+        check_limits(self.label_model, plan.num_steps, g)
         runner = self.runner
         cond = prepare_conditioning(runner, self.label_model, g, encoder_hidden_states,
                                     negative_encoder_hidden_states, class_labels, num_images_per_prompt, latents)

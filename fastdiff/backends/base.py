@@ -21,6 +21,7 @@ class ModelRunner:
     sample_size: int | None = None  # latent / pixel side length the model was trained at (None: unknown)
     cross_attention_dim: int | None = None  # D of encoder_hidden_states, None for unconditional models
     needs_class_labels: bool = False
+    time_cond_proj_dim: int | None = None  # width of ``timestep_cond`` (folded guidance, LCM-style), None: none
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
 
@@ -61,6 +62,7 @@ class TorchRunner(ModelRunner):
         self.needs_class_labels = getattr(cfg, "class_embed_type", None) is not None or (
             getattr(cfg, "num_class_embeds", None) is not None
         )
+        self.time_cond_proj_dim = getattr(cfg, "time_cond_proj_dim", None)
         p = next(unet.parameters())
         self.device, self.dtype = p.device, p.dtype
 

@@ -111,6 +111,7 @@ class OnnxRunner(ModelRunner):
         self.sample_size = f.get("sample_size")
         self.cross_attention_dim = f.get("cross_attention_dim")
         self.needs_class_labels = bool(f.get("class_embeddings"))
+        self.time_cond_proj_dim = f.get("time_cond_proj_dim")  # folded guidance: a timestep_cond input
         self.scheduler_config = info.scheduler or None
         self.label_model = None
         if info.labels:

@@ -72,6 +72,7 @@ class TensorRTRunner(ModelRunner):
         self.cross_attention_dim = facts.get("cross_attention_dim") or (
             self.inputs["encoder_hidden_states"][1][0][-1] if "encoder_hidden_states" in self.inputs else None)
         self.needs_class_labels = "class_labels" in self.inputs
+        self.time_cond_proj_dim = facts.get("time_cond_proj_dim")  # folded guidance: a timestep_cond input
         self.scheduler_config = (self.info.scheduler or None) if self.info else None
         self.label_model = None
         if self.info and self.info.labels:

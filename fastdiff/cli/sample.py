@@ -108,7 +108,8 @@ def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, schedu
     """Images (PIL, column by column: all of ``labels[0]`` first) and the sampler used.
 
     Image ``j`` of label ``k`` starts from noise seeded by ``(stream_seed(seed, "sample"), k * 10000 + j)``
-    (see the module docstring). ``None`` settings take the
+    (see the module docstring); stochastic samplers (``lcm``) draw their per-step noise from
+    ``stream_seed(seed, "sample-steps")``. ``None`` settings take the
     model's defaults (``model.defaults``)."""
     from fastdiff.models.generate import make_noise, make_sampler, stream_seed
 
@@ -121,7 +122,8 @@ def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, schedu
     size = model.unet.config.sample_size
     noise = make_noise(stream_seed(seed, "sample"), ids, (model.unet.config.in_channels, size, size))
     images = sampler.sample(num_inference_steps=steps, guidance_scale=g, class_labels=y.to(sampler.device),
-                            latents=noise.to(sampler.device, sampler.dtype), output_type="pil", progress=progress)
+                            latents=noise.to(sampler.device, sampler.dtype), output_type="pil", progress=progress,
+                            generator=torch.Generator().manual_seed(stream_seed(seed, "sample-steps")))
     return images, sampler, steps, g
 
 

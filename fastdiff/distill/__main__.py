@@ -1,9 +1,11 @@
 """``python -m fastdiff.distill``: ``generate`` triplets (also under torchrun) and ``train`` a one-step student;
-``coalescer-index`` / ``coalescer-train`` / ``coalescer-eval``: coalescer networks (:mod:`fastdiff.distill.coalescer`).
+``coalescer-index`` / ``coalescer-train`` / ``coalescer-eval``: coalescer networks (:mod:`fastdiff.distill.coalescer`);
+``consistency``: a few-step consistency student with the guidance folded in (LCM).
 
     torchrun --nproc_per_node 2 -m fastdiff.distill generate --teacher digits --out runs/digits-triplets -n 10000
     python -m fastdiff.distill train --teacher digits --triplets runs/digits-triplets \\
         --out fastdiff/models/weights/digits-onestep --name digits-onestep
+    python -m fastdiff.distill consistency --teacher digits --out runs/digits-consistency --steps 400
 """
 
 from __future__ import annotations
@@ -49,6 +51,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-progress", action="store_true")
     coalescer_cli.add_subcommands(sub)
 
+    from fastdiff.distill.consistency import ConsistencySpec
+
+    d = ConsistencySpec()
+    c = sub.add_parser("consistency", help="consistency distillation (LCM) with CFG folded in; resumes from --out")
+    c.add_argument("--teacher", default=d.teacher, help="embedded model name or model directory (digits-like)")
+    c.add_argument("--out", required=True, help="student model directory; checkpoint.pt there resumes the run")
+    c.add_argument("--name", default=None, help="model name stored in its config (default: <teacher>-consistency)")
+    c.add_argument("--steps", type=cli_int(1), default=d.steps, help="total training steps (a resumed run may "
+                   "raise it)")
+    c.add_argument("--batch-size", type=cli_int(1), default=d.batch_size)
+    c.add_argument("--lr", type=cli_number(minimum=0.0), default=d.lr)
+    c.add_argument("--warmup", type=cli_int(0), default=d.warmup)
+    c.add_argument("--seed", type=cli_int(None), default=d.seed)
+    c.add_argument("--guidance-min", type=cli_number(1.0), default=d.guidance_min,
+                   help="guidance scales are drawn from [min, max] per example (the student's supported range)")
+    c.add_argument("--guidance-max", type=cli_number(1.0), default=d.guidance_max)
+    c.add_argument("--grid-steps", type=cli_int(1), default=d.grid_steps,
+                   help="skipping-step grid size N (teacher DDIM steps of T/N timesteps)")
+    c.add_argument("--target-decay", type=cli_number(0.0, 1.0), default=d.target_decay)
+    c.add_argument("--huber-c", type=cli_number(minimum=0.0), default=d.huber_c)
+    c.add_argument("--cond-dim", type=cli_int(4), default=d.cond_dim, help="guidance embedding width")
+    c.add_argument("--checkpoint-every", type=cli_int(0), default=d.checkpoint_every)
+    c.add_argument("--log-every", type=cli_int(0), default=d.log_every)
+    c.add_argument("--threads", type=cli_int(1), default=None)
+    c.add_argument("--no-progress", action="store_true")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastdiff.distill", description=__doc__.split("\n")[0])
@@ -74,6 +102,15 @@ def run(a: argparse.Namespace) -> int:
                                    fail_after=a.fail_after)
             if path is not None:
                 print(f"wrote {spec.num_samples} triplets to {path}")
+        elif a.distill_command == "consistency":
+            from fastdiff.distill.consistency import ConsistencySpec, train_consistency
+
+            spec = ConsistencySpec(
+                teacher=a.teacher, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, seed=a.seed,
+                guidance_min=a.guidance_min, guidance_max=a.guidance_max, grid_steps=a.grid_steps,
+                target_decay=a.target_decay, huber_c=a.huber_c, cond_dim=a.cond_dim,
+                checkpoint_every=a.checkpoint_every, log_every=a.log_every)
+            train_consistency(spec, a.out, progress=not a.no_progress, name=a.name)
         else:
             from fastdiff._atomic import check_writable
             from fastdiff.distill.train import train_student

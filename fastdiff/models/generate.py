@@ -69,12 +69,14 @@ def make_sampler(model, scheduler=None, backend: str = "auto", device=None, comp
 
 @torch.no_grad()
 def generate(sampler, labels: torch.Tensor, noise: torch.Tensor, num_inference_steps: int,
-             guidance_scale: float, batch_size: int | None = None) -> torch.Tensor:
+             guidance_scale: float, batch_size: int | None = None, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
     """Final samples ``(B, C, H, W)`` (in [-1, 1] for pixel models) for ``labels (B,)`` from ``noise (B, C, H, W)``.
 
     Runs ``sampler.sample(..., output_type="latent")`` in chunks of ``batch_size`` (default: all at once).
     Deterministic samplers (no per-step noise) give per-sample results independent of the chunking up to
     floating-point batch effects; callers that need bit-exact sets keep the chunks fixed (shards).
+    ``generator``: draws the per-step noise of stochastic samplers (``lcm``, ``euler_a``), chunk after chunk.
     """
     dev, dtype = sampler.device, sampler.dtype
     bs = batch_size or len(labels)
@@ -82,6 +84,6 @@ def generate(sampler, labels: torch.Tensor, noise: torch.Tensor, num_inference_s
     for s in range(0, len(labels), bs):
         x = sampler.sample(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            class_labels=labels[s:s + bs].to(dev), latents=noise[s:s + bs].to(dev, dtype),
-                           output_type="latent", progress=False)
+                           output_type="latent", progress=False, generator=generator)
         outs.append(x.float().cpu())
     return torch.cat(outs) if outs else noise.new_empty((0, *noise.shape[1:]))

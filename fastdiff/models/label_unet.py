@@ -27,6 +27,8 @@ class LabelConditionedUNet(nn.Module):
         self.label_embedding = nn.Embedding(num_classes + 1, tokens * self.embed_dim)
         self.scheduler_config = dict(scheduler_config or {})
         self.name = name
+        # what a distilled student was trained for (fastdiff.models.folded_guidance.check_limits); {}: no limits
+        self.limits: dict = {}
 
     def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
         labels = torch.as_tensor(labels, device=self.label_embedding.weight.device).long().reshape(-1)

@@ -1,9 +1,9 @@
-"""Loading and saving label-conditioned models: the embedded ``"digits"`` / ``"digits-onestep"`` or a directory.
+"""Loading and saving label-conditioned models: the embedded ones (:data:`EMBEDDED`) or a directory.
 
 A model directory holds ``config.json`` (the UNet config, label-conditioning sizes, the scheduler config it samples
-with, default sampling settings, training metadata) and ``model.safetensors`` (tensors ``unet.*`` and
-``label_embedding.weight``, stored in float16 to keep the package small, loaded as float32). Loading never touches
-the network.
+with, default sampling settings, training metadata, and for distilled students the ``limits`` they support) and
+``model.safetensors`` (tensors ``unet.*`` and ``label_embedding.weight``, stored in float16 to keep the package
+small, loaded as float32). Loading never touches the network.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fastdiff._atomic import atomic_write_bytes
-from fastdiff._checks import check_int
+from fastdiff._checks import check_int, check_number
 from fastdiff.errors import InvalidInput, ModelConfigError, ModelNotFound
 from fastdiff.models.coalescer_net import FORMAT as COALESCER_FORMAT
 from fastdiff.models.coalescer_net import CoalescerModel, load_coalescer, save_coalescer
@@ -156,9 +156,10 @@ def check_config(cfg: dict, where: str) -> None:
                                    f"block_out_channels entry), got {v!r}")
     except InvalidInput as e:
         raise bad(str(e)) from None
-    for k, kind in (("scheduler", dict), ("defaults", dict), ("name", str)):
+    for k, kind in (("scheduler", dict), ("defaults", dict), ("name", str), ("limits", dict)):
         if cfg.get(k) is not None and not isinstance(cfg[k], kind):
             raise bad(f"{k!r} must be a {'JSON object' if kind is dict else 'string'}, got {type(cfg[k]).__name__}")
+    _check_limits_config(cfg.get("limits") or {}, bad)
     params = estimate_parameters(unet)
     memory = _memory_bytes()
     # float32 weights, built once and loaded once (the safetensors copy): ~8 bytes per parameter at the peak
@@ -167,6 +168,21 @@ def check_config(cfg: dict, where: str) -> None:
         raise bad(f"its UNet (block_out_channels {unet['block_out_channels']}) would have about {params / 1e9:.1f}B "
                   f"parameters ({params * 4 / 2**30:.0f} GiB in float32), more than the {limit / 1e9:.1f}B this "
                   "machine can build" + (f" ({memory / 2**30:.0f} GiB of memory)" if memory else ""))
+
+
+def _check_limits_config(limits: dict, bad) -> None:
+    """``limits`` (see :mod:`fastdiff.models.folded_guidance`): a step count >= 1 and a guidance range lo <= hi."""
+    try:
+        if "max_inference_steps" in limits:
+            check_int("limits.max_inference_steps", limits["max_inference_steps"], 1)
+        if "guidance_scale" in limits:
+            g = limits["guidance_scale"]
+            if not (isinstance(g, list) and len(g) == 2):
+                raise InvalidInput(f"limits.guidance_scale must be a list [lo, hi], got {g!r}")
+            lo = check_number("limits.guidance_scale[0]", g[0])
+            check_number("limits.guidance_scale[1]", g[1], lo, hint="the range is [lo, hi]")
+    except InvalidInput as e:
+        raise bad(str(e)) from None
 
 
 def load(name_or_path: str | os.PathLike, device: torch.device | str | None = None,
@@ -206,6 +222,7 @@ def load(name_or_path: str | os.PathLike, device: torch.device | str | None = No
         raise ModelNotFound(f"weights {d / WEIGHTS_NAME} do not match the config: missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}")
     model.defaults = dict(cfg.get("defaults") or {})
+    model.limits = dict(cfg.get("limits") or {})
     model.model_config = cfg
     model.eval().requires_grad_(False)
     if device is not None or dtype is not None:
@@ -215,11 +232,13 @@ def load(name_or_path: str | os.PathLike, device: torch.device | str | None = No
 
 def save(model: LabelConditionedUNet, directory: str | os.PathLike, *, scheduler_config: dict | None = None,
          defaults: dict | None = None, metadata: dict | None = None, name: str | None = None,
-         dtype: torch.dtype = torch.float16) -> Path:
+         dtype: torch.dtype = torch.float16, limits: dict | None = None) -> Path:
     """Write ``model`` to ``directory`` (config.json + model.safetensors), each file atomically (tmp + os.replace).
 
-    ``scheduler_config`` defaults to ``model.scheduler_config``; ``dtype`` is the storage dtype of the weights.
-    A coalescer model is written as one (``scheduler_config`` comes from its network there).
+    ``scheduler_config`` defaults to ``model.scheduler_config``; ``dtype`` is the storage dtype of the weights;
+    ``limits`` (default ``model.limits``): the steps / guidance range a distilled model supports (written only when
+    there are some, so other folders keep their bytes). A coalescer model is written as one (``scheduler_config``
+    comes from its network there).
     """
     from safetensors.torch import save as st_save
 
@@ -240,6 +259,9 @@ def save(model: LabelConditionedUNet, directory: str | os.PathLike, *, scheduler
         "defaults": dict(defaults if defaults is not None else getattr(model, "defaults", {})),
         "metadata": dict(metadata or {}),
     }
+    limits = dict(limits if limits is not None else getattr(model, "limits", None) or {})
+    if limits:
+        cfg["limits"] = limits
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(d / WEIGHTS_NAME, st_save(state, metadata={"format": FORMAT}))
     atomic_write_bytes(d / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=False) + "\n").encode())

@@ -108,8 +108,10 @@ def evaluate(model="digits", scheduler=None, num_inference_steps: int | None = N
     generate(sampler, labels[:warm], noise[:warm], steps, g)  # warm-up: one-time costs are not sampling time
     if sampler.device.type == "cuda":
         torch.cuda.synchronize(sampler.device)
+    # per-step noise of stochastic samplers (lcm, euler_a) from a seeded stream too: the same command, the same score
+    step_noise = torch.Generator().manual_seed(stream_seed(seed, "eval-steps"))
     t0 = time.perf_counter()
-    images = generate(sampler, labels, noise, steps, g, batch_size=batch_size)
+    images = generate(sampler, labels, noise, steps, g, batch_size=batch_size, generator=step_noise)
     dt = time.perf_counter() - t0
     s = score(images, labels, seed)
     sched_name = scheduler if isinstance(scheduler, str) else (getattr(sampler.scheduler, "name", None) or "default")

@@ -1,0 +1,376 @@
+"""Consistency distillation with classifier-free guidance folded in (LCM: latent consistency distillation).
+
+The student ``f(x_t, t, w)`` maps any point of the teacher's guided probability-flow ODE trajectory to its end.
+It is a copy of the teacher's network with one new input, the guidance scale: ``UNet2DConditionModel``'s
+``time_cond_proj_dim`` (a sinusoidal embedding of ``w = g - 1``, projected and added to the timestep features;
+:mod:`fastdiff.models.folded_guidance`). The projection starts at zero, so step 0 is the teacher. Per training
+example (Luo et al., 2023, Algorithm 1, with a DDIM solver)::
+
+    t      = (n + 1) k - 1,  n ~ U{0..N-1}       (the skipping-step grid of N points, k = T / N)
+    t'     = max(t - k, 0)
+    g      ~ U[g_min, g_max]                     (guidance scale, standard CFG convention)
+    x_t    = sqrt(a_t) x0 + sqrt(1 - a_t) eps    (x0: a real training image)
+    m      = m_u + g (m_c - m_u)                 (teacher, one 2B batch: null label, then the label)
+    x_t'   = sqrt(a_t') x0(m) + sqrt(1 - a_t') eps(m)              (one DDIM step of the teacher's guided ODE)
+    target = f_target(x_t', t', g)               (EMA "target" copy of the student, no gradient)
+    loss   = pseudo_huber(f_student(x_t, t, g) - target)
+
+with the consistency-model boundary parametrisation ``f(x, t) = c_skip(t) x + c_out(t) x0(model(x, t, g))``,
+``c_skip = s_d^2 / ((10 t)^2 + s_d^2)``, ``c_out = 10 t / sqrt((10 t)^2 + s_d^2)``, ``s_d = 0.5``: at ``t = 0``
+``c_skip = 1`` and ``c_out = 0`` exactly, so ``f(x, 0) = x`` whatever the network says. These are the numbers
+fastdiff's (and diffusers') ``lcm`` scheduler uses, so the saved student samples with it in 1..N steps.
+
+Training is seeded (one generator drives data order, timesteps, guidance and noise), shows a progress bar and
+writes ``checkpoint.pt`` into ``out`` every ``checkpoint_every`` steps (student, target, optimiser, generator
+state, data order); the same command resumes from it and continues bit for bit (the learning rate is constant
+after a warm-up, so a run can also be extended with a larger ``steps``). A checkpoint of another objective or
+other settings is refused with the difference named.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fastdiff._atomic import atomic_write_bytes, check_writable
+from fastdiff._checks import check_int, check_number
+from fastdiff.errors import InvalidInput
+from fastdiff.models.folded_guidance import guidance_scale_embedding
+
+OBJECTIVE = "consistency"
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "fastdiff.distill.checkpoint"
+#: consistency-model boundary parametrisation: data standard deviation, and LCM's timestep scaling (its value in
+#: diffusers' LCMScheduler and train_lcm_distill scripts).
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+#: The most inference steps a saved student allows. It is trained on all 50 grid points, but LCM-style students
+#: stop improving after a few steps (the per-step re-noising adds back what the extra steps would refine); 8 is
+#: the most this project measured (see docs/notes/consistency.md), so asking for more is refused, not guessed.
+MAX_INFERENCE_STEPS = 8
+#: settings a resumed run may change: how long it runs and how often it saves or prints.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+
+
+@dataclass
+class ConsistencySpec:
+    """Everything that decides the trained weights (checked against a checkpoint on resume)."""
+
+    teacher: str = "digits"
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup: int = 50
+    seed: int = 0
+    guidance_min: float = 1.0
+    guidance_max: float = 3.0
+    # N: the skipping-step grid (LCM's original_inference_steps). LCM uses 50 (k = 20) over thousands of steps; a
+    # short run propagates consistency from t = 0 to T - 1 in fewer hops with 10 (k = 100), and the teacher's DDIM
+    # at 10 steps is accurate (FD 10.1 in docs/sweep.md)
+    grid_steps: int = 10
+    target_decay: float = 0.95  # EMA of the target network (LCM's mu)
+    huber_c: float = 0.001
+    cond_dim: int = 32  # width of the guidance embedding (time_cond_proj_dim)
+    checkpoint_every: int = 100
+    log_every: int = 100
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "grid_steps", "cond_dim"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("warmup", "checkpoint_every", "log_every"):
+            check_int(name, getattr(self, name), 0)
+        check_int("seed", self.seed)
+        check_number("lr", self.lr, 0.0)
+        check_number("huber_c", self.huber_c, 0.0)
+        check_number("target_decay", self.target_decay, 0.0, 1.0)
+        lo = check_number("guidance_min", self.guidance_min, 1.0, hint="guidance 1 means no guidance")
+        check_number("guidance_max", self.guidance_max, lo, hint="the range is [guidance_min, guidance_max]")
+        if self.cond_dim < 4:
+            raise InvalidInput(f"cond_dim must be >= 4 (sin and cos of two frequencies at least), got {self.cond_dim}")
+
+
+# ----- the math (each piece has a plain reference in tests/distill/test_consistency.py) -------------------------
+def boundary_coefs(t: torch.Tensor, timestep_scaling: float = TIMESTEP_SCALING,
+                   sigma_data: float = SIGMA_DATA) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_skip, c_out)`` at integer timesteps ``t`` (float32, computed in float64): exactly (1, 0) at t = 0."""
+    st = t.double() * timestep_scaling
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / torch.sqrt(st**2 + sigma_data**2)
+    return c_skip.float(), c_out.float()
+
+
+def grid_timesteps(num_train_timesteps: int, grid_steps: int) -> torch.Tensor:
+    """The skipping-step grid ``(n + 1) k - 1`` for ``n = 0..N-1``, ``k = T // N`` (the ``lcm`` scheduler's)."""
+    k = num_train_timesteps // grid_steps
+    return torch.arange(1, grid_steps + 1, dtype=torch.long) * k - 1
+
+
+def _bc(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def x0_eps(prediction_type: str, m: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
+    """``(x0, eps)`` of a sample ``x = sqrt(a) x0 + sqrt(1 - a) eps`` from the model output ``m``."""
+    sa, sb = _bc(a.sqrt()), _bc((1 - a).sqrt())
+    if prediction_type == "v_prediction":
+        return sa * x - sb * m, sa * m + sb * x
+    if prediction_type == "epsilon":
+        return (x - sb * m) / sa, m
+    if prediction_type == "sample":
+        return m, (x - sa * m) / sb
+    raise InvalidInput(f"unknown prediction_type {prediction_type!r}")
+
+
+def consistency_fn(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w_emb: torch.Tensor,
+                   abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """``f(x, t, w) = c_skip(t) x + c_out(t) x0(model(x, t, w))`` for a student with folded guidance."""
+    m = model.unet(x, t, encoder_hidden_states=model.encode_labels(labels), timestep_cond=w_emb,
+                   return_dict=False)[0]
+    c_skip, c_out = boundary_coefs(t)
+    x0, _ = x0_eps(prediction_type, m, x, abar[t])
+    return _bc(c_skip) * x + _bc(c_out) * x0
+
+
+@torch.no_grad()
+def teacher_ddim_step(teacher, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, labels: torch.Tensor,
+                      guidance: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """One DDIM (eta 0) step of the teacher's guided ODE from ``t`` to ``t_prev``: a single 2B network call
+    (null labels, then the labels), per-sample guidance ``m = m_u + g (m_c - m_u)``."""
+    both = torch.cat([torch.full_like(labels, teacher.null_label), labels])
+    m = teacher(torch.cat([x, x]), torch.cat([t, t]), both)
+    m_u, m_c = m.chunk(2)
+    m = m_u + _bc(guidance) * (m_c - m_u)
+    x0, eps = x0_eps(prediction_type, m, x, abar[t])
+    a_prev = abar[t_prev]
+    return _bc(a_prev.sqrt()) * x0 + _bc((1 - a_prev).sqrt()) * eps
+
+
+@torch.no_grad()
+def consistency_targets(teacher, target, x_t, t, labels, guidance, abar, skip: int, prediction_type: str,
+                        cond_dim: int) -> torch.Tensor:
+    """The regression target ``f_target(DDIM(x_t, t -> t'), t', g)`` with ``t' = max(t - skip, 0)``."""
+    t_prev = (t - skip).clamp(min=0)
+    x_prev = teacher_ddim_step(teacher, x_t, t, t_prev, labels, guidance, abar, prediction_type)
+    w_emb = guidance_scale_embedding(guidance - 1.0, cond_dim)
+    return consistency_fn(target, x_prev, t_prev, labels, w_emb, abar, prediction_type)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """``mean(sqrt((a - b)^2 + c^2) - c)`` elementwise (LCM's loss); ``c = 0`` is the mean absolute error."""
+    return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
+
+
+# ----- the student ------------------------------------------------------------------------------------------
+def lcm_scheduler_config(teacher_scheduler: dict, grid_steps: int) -> dict:
+    """The student's scheduler: diffusers' ``LCMScheduler`` on the teacher's noise schedule and prediction type,
+    with the training grid as ``original_inference_steps``."""
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    cfg = {k: teacher_scheduler[k] for k in keep if k in teacher_scheduler}
+    return {"_class_name": "LCMScheduler", **cfg, "original_inference_steps": grid_steps,
+            "timestep_scaling": TIMESTEP_SCALING, "clip_sample": False, "set_alpha_to_one": True}
+
+
+def init_consistency_student(teacher, cond_dim: int = 32, grid_steps: int = 10):
+    """A trainable copy of ``teacher`` (LabelConditionedUNet) with a guidance input (``time_cond_proj_dim``);
+    the new projection is zero, so before training the student's network output is the teacher's conditional
+    output."""
+    from diffusers import UNet2DConditionModel
+
+    from fastdiff.models.label_unet import LabelConditionedUNet
+
+    cfg = {k: v for k, v in dict(teacher.unet.config).items() if not k.startswith("_")}
+    cfg["time_cond_proj_dim"] = cond_dim
+    unet = UNet2DConditionModel.from_config(cfg)
+    missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
+    if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+        raise InvalidInput(f"the teacher's UNet does not map onto a guidance-conditioned copy (missing {missing}, "
+                           f"unexpected {unexpected})")
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.zero_()
+    student = LabelConditionedUNet(unet, teacher.num_classes, tokens=teacher.tokens,
+                                   scheduler_config=lcm_scheduler_config(teacher.scheduler_config, grid_steps),
+                                   name=f"{teacher.name}-consistency")
+    student.label_embedding.load_state_dict(teacher.label_embedding.state_dict())
+    return student.float().train().requires_grad_(True)
+
+
+# ----- checkpoints ------------------------------------------------------------------------------------------
+def _settings(spec: ConsistencySpec) -> dict:
+    return {k: v for k, v in asdict(spec).items() if k not in RESUMABLE_CHANGES}
+
+
+def _other_objective(out: Path) -> str | None:
+    """What ``out`` holds when it is the output of another objective (a one-step triplet student), else None."""
+    import json
+
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    meta = cfg.get("metadata") or {}
+    objective = meta.get("objective") or ("triplet-regression" if "triplets" in meta else None)
+    if objective is None and (cfg.get("defaults") or {}).get("scheduler") == "onestep":
+        objective = "triplet-regression"
+    return objective if objective not in (None, OBJECTIVE) else None
+
+
+def read_checkpoint(path: Path, spec: ConsistencySpec) -> dict:
+    """The checkpoint at ``path``, checked: written by this objective with ``spec``'s settings."""
+    try:
+        ck = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise InvalidInput(f"cannot read the checkpoint {path} ({type(e).__name__}: {str(e)[:120]}); delete it to "
+                           "start over") from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise InvalidInput(f"{path} is not a fastdiff distillation checkpoint; use another --out or delete it")
+    if ck.get("objective") != OBJECTIVE:
+        raise InvalidInput(f"{path} is a checkpoint of the {ck.get('objective')!r} objective, not {OBJECTIVE!r}; "
+                           "resume it with its own command, or use another --out for a consistency run")
+    want, have = _settings(spec), ck.get("settings") or {}
+    if have != want:
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        raise InvalidInput(f"{path} was written with other settings (checkpoint, requested): {diff}; rerun with "
+                           f"the checkpoint's settings (only {', '.join(RESUMABLE_CHANGES)} may change) or use "
+                           "another --out")
+    return ck
+
+
+def _write_checkpoint(path: Path, spec, step, student, target, opt, gen, perm, pos, avg, wall) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "objective": OBJECTIVE, "settings": _settings(spec), "step": step,
+                "student": student.state_dict(), "target": target.state_dict(), "optimizer": opt.state_dict(),
+                "generator": gen.get_state(), "perm": perm, "pos": pos, "loss_avg": avg, "wall_s": wall}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ----- training ---------------------------------------------------------------------------------------------
+def _digits_data() -> tuple[torch.Tensor, torch.Tensor]:
+    from fastdiff.models.digits import load_digits_tensors
+
+    return load_digits_tensors()
+
+
+def train_consistency(spec: ConsistencySpec, out: str | os.PathLike, *, teacher=None,
+                      data: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
+                      name: str | None = None, stop_after: int | None = None):
+    """Distil ``spec.teacher`` into a consistency student saved to ``out`` (model folder + ``checkpoint.pt``).
+
+    ``teacher``: the loaded teacher (default: load ``spec.teacher``). ``data``: ``(images (N, C, H, W) in the
+    teacher's space, labels (N,))`` to start trajectories from (default: the real digits). ``stop_after``
+    (testing): return after that many steps of this call, as a crash would, leaving the last checkpoint.
+    Returns the target network (what gets saved) as a LabelConditionedUNet.
+    """
+    from tqdm.auto import tqdm
+
+    from fastdiff.models import load, save
+    from fastdiff.models.train_digits import alphas_cumprod
+
+    spec.check()
+    out = Path(out)
+    check_writable(out, "dir", what="--out")
+    other = _other_objective(out)
+    if other is not None:
+        raise InvalidInput(f"{out} holds a model of the {other!r} objective (e.g. a one-step triplet student); a "
+                           "consistency run would resume from and overwrite it: use another --out")
+    ck_path = out / CHECKPOINT
+    ck = read_checkpoint(ck_path, spec) if ck_path.exists() else None
+    t_model = teacher if teacher is not None else load(spec.teacher)
+    t_model = t_model.float().eval().requires_grad_(False)
+    sched = dict(t_model.scheduler_config)
+    pred = sched.get("prediction_type", "epsilon")
+    T = int(sched.get("num_train_timesteps", 1000))
+    if T % spec.grid_steps:
+        raise InvalidInput(f"grid_steps={spec.grid_steps} must divide the teacher's {T} training timesteps")
+    abar = alphas_cumprod(T, sched.get("beta_schedule", "linear"))
+    skip = T // spec.grid_steps
+    grid = grid_timesteps(T, spec.grid_steps)
+    x_all, y_all = data if data is not None else _digits_data()
+    n = x_all.shape[0]
+
+    torch.manual_seed(spec.seed)
+    student = init_consistency_student(t_model, spec.cond_dim, spec.grid_steps)
+    target = copy.deepcopy(student).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(spec.seed)
+    perm, pos, start, avg, wall0 = torch.randperm(n, generator=gen), 0, 0, None, 0.0
+    if ck is not None:
+        student.load_state_dict(ck["student"])
+        target.load_state_dict(ck["target"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        perm, pos, start, avg, wall0 = ck["perm"], int(ck["pos"]), int(ck["step"]), ck["loss_avg"], ck["wall_s"]
+    name = name or f"{getattr(t_model, 'name', 'model')}-consistency"
+    limits = {"max_inference_steps": MAX_INFERENCE_STEPS, "guidance_scale": [spec.guidance_min, spec.guidance_max],
+              "why_max_steps": "the most steps its quality was measured at"}
+    defaults = {"scheduler": "lcm", "num_inference_steps": 4,
+                "guidance_scale": min(max(1.5, spec.guidance_min), spec.guidance_max)}
+    meta = {"objective": OBJECTIVE, **asdict(spec), "teacher": str(getattr(t_model, "name", spec.teacher)),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": f"{platform.machine()} {os.cpu_count()} cores"}
+
+    def save_all(step_done: int) -> None:
+        wall = round(wall0 + time.time() - t0, 1)
+        _write_checkpoint(ck_path, spec, step_done, student, target, opt, gen, perm, pos, avg, wall)
+        save(target, out, name=name, defaults=defaults, limits=limits,
+             metadata={**meta, "steps_done": step_done, "wall_s": wall,
+                       "loss_ema": None if avg is None else round(avg, 6)})
+
+    t0 = time.time()
+    done_here = 0
+    bar = tqdm(range(start, spec.steps), desc="distill consistency", disable=not progress, mininterval=2.0,
+               initial=start, total=spec.steps)
+    for step in bar:
+        if pos + spec.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + spec.batch_size]
+        pos += spec.batch_size
+        x0, y = x_all[idx], y_all[idx]
+        b = len(idx)
+        t = grid[torch.randint(0, spec.grid_steps, (b,), generator=gen)]
+        g = spec.guidance_min + (spec.guidance_max - spec.guidance_min) * torch.rand(b, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = _bc(abar[t])
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        tgt = consistency_targets(t_model, target, x_t, t, y, g, abar, skip, pred, spec.cond_dim)
+        for grp in opt.param_groups:
+            grp["lr"] = spec.lr * min(1.0, (step + 1) / max(1, spec.warmup))
+        w_emb = guidance_scale_embedding(g - 1.0, spec.cond_dim)
+        loss = pseudo_huber(consistency_fn(student, x_t, t, y, w_emb, abar, pred), tgt, spec.huber_c)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in student.parameters()],
+                                 1.0 - spec.target_decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{avg:.5f}", refresh=False)
+        if spec.log_every and (step + 1) % spec.log_every == 0:
+            print(f"step {step + 1}/{spec.steps} loss {avg:.5f} elapsed {wall0 + time.time() - t0:.0f}s", flush=True)
+        done_here += 1
+        if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
+            save_all(step + 1)
+        if stop_after is not None and done_here >= stop_after:
+            return target
+    save_all(max(start, spec.steps))
+    if progress:
+        print(f"saved consistency student to {out} ({max(start, spec.steps)} steps, "
+              f"{wall0 + time.time() - t0:.0f}s)", flush=True)
+    return target
+
+
+__all__ = ["ConsistencySpec", "boundary_coefs", "consistency_fn", "consistency_targets", "grid_timesteps",
+           "init_consistency_student", "lcm_scheduler_config", "pseudo_huber", "read_checkpoint",
+           "teacher_ddim_step", "train_consistency", "x0_eps"]
