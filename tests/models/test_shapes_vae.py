@@ -40,6 +40,7 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["train", "shapes-vae", "--steps", "0"],
+                                  ["train", "shapes-vae", "--foreground-weight", "0.5"],
                                   ["train", "shapes-vae", "--out", __file__, "--steps", "1"]])
 def test_cli_refuses_bad_options(argv, capsys):
     one_line_error(argv, capsys)
