@@ -44,3 +44,24 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
                                   ["train", "shapes-vae", "--out", __file__, "--steps", "1"]])
 def test_cli_refuses_bad_options(argv, capsys):
     one_line_error(argv, capsys)
+
+
+#: held-out renders per kind the shipped-VAE test reconstructs (~3 s); the trainer measured 300 per kind
+N_SHIPPED = 50
+#: judge's fully-correct rate the shipped VAE's reconstructions must reach (measured: 100 % / 99.7 % on 300)
+VAE_MIN_JUDGE = 0.95
+
+
+def test_shipped_vae_reconstructions_pass_the_judge():
+    from fastdiff.models.shapes import render
+    from fastdiff.models.shapes.captions import caption
+    from fastdiff.quality import shapes_judge as J
+
+    vae = diffusers.AutoencoderKL.from_pretrained(str(train_vae.VAE_DIR))
+    assert vae.config.latent_channels == 4
+    for n_obj in (1, 2):
+        scenes = [render.random_scene(render.rng_for(55_555, i), p_two=float(n_obj == 2)) for i in range(N_SHIPPED)]
+        x = torch.stack([torch.from_numpy(render.render(s)).permute(2, 0, 1) for s in scenes]).float() / 127.5 - 1
+        y = train_vae.reconstruct(vae, x)
+        s = J.score(J.shipped(), (y + 1) / 2, [caption(sc.spec) for sc in scenes])
+        assert (s.one_object if n_obj == 1 else s.two_object) >= VAE_MIN_JUDGE
