@@ -1,4 +1,5 @@
-"""``python -m fastdiff train MODEL [options]``: train an embedded model from scratch (today: ``digits``)."""
+"""``python -m fastdiff train MODEL [options]``: train an embedded model from scratch (``digits``; ``shapes-judge``:
+the detector that judges the ``shapes`` pipeline; ``shapes-vae``: its autoencoder)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import argparse
 import shlex
 
 from fastdiff.models import train_digits
+from fastdiff.models.shapes import train_vae as train_shapes_vae
+from fastdiff.quality import train_shapes_judge
 
 #: model name -> its trainer module (``add_arguments(parser)``, ``run(args, command)``)
-TRAINERS = {"digits": train_digits}
+TRAINERS = {"digits": train_digits, "shapes-judge": train_shapes_judge, "shapes-vae": train_shapes_vae}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``train`` with one sub-command per trainable model, each with its trainer's options."""
-    p = subparsers.add_parser("train", help="train an embedded model (digits)", description=__doc__)
+    p = subparsers.add_parser("train", help="train an embedded model (digits, shapes-judge, shapes-vae)",
+                              description=__doc__)
     models = p.add_subparsers(dest="model", required=True, metavar="MODEL")
     for name, trainer in TRAINERS.items():
         trainer.add_arguments(models.add_parser(name, help=f"train the embedded {name!r} model",
