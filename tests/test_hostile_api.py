@@ -58,7 +58,6 @@ SAMPLE_CASES = [
     ("width huge", dict(width=10**9), "width must be an integer in [1, 16384]"),
     ("width string", dict(width="8"), "width must be an integer"),
     ("guidance string", dict(guidance_scale="high"), "guidance_scale must be a number"),
-    ("guidance None", dict(guidance_scale=None), "guidance_scale must be a number"),
     ("guidance list", dict(guidance_scale=[2.0]), "guidance_scale must be a number"),
     ("guidance nan", dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     ("rescale 2", dict(guidance_rescale=2.0), "guidance_rescale must be a number in [0.0, 1.0]"),
