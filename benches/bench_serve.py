@@ -16,7 +16,6 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import sys
 import threading
 import time
@@ -27,14 +26,6 @@ import numpy as np
 CLIENTS = (1, 4, 16)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def run_case(server, clients: int, images: int) -> dict:
@@ -100,7 +91,7 @@ def main(argv=None) -> int:
     import torch
 
     from fastdiff.serve.model import ServedModel
-    from fastdiff.serve.server import Server
+    from fastdiff.serve.server import Server, free_ports
 
     served = ServedModel(args.model, steps=args.steps, device="cpu")
     load_before = os.getloadavg()

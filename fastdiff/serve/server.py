@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sysconfig
 import threading
 
@@ -31,6 +32,19 @@ from fastdiff.serve.model import REQUEST_ID_PARAMETER, ServedModel
 MODEL_NAME = "fastdiff"
 #: default ports: Triton's own (HTTP 8000, gRPC 8001, metrics 8002).
 DEFAULT_PORTS = (8000, 8001, 8002)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports that were free a moment ago (for tests and load tests that start a server
+    beside others: another process can still take one before the server binds it)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 LOGGER = logging.getLogger(__name__)
 
 

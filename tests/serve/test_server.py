@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from fastdiff.errors import InvalidInput, ServingUnavailable
-from fastdiff.serve.server import check_serving_available, prefer_own_libpython
+from fastdiff.serve.server import check_serving_available, free_ports, prefer_own_libpython
 
 try:
     check_serving_available()
@@ -37,14 +36,6 @@ START_S, STOP_S = 120, 60
 READY_PHRASE = "as 'fastdiff' at"
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")

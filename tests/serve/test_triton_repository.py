@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +19,7 @@ import pytest
 from fastdiff.errors import InvalidInput
 from fastdiff.export.triton_repository import NETWORK_MODEL, SAMPLER_MODEL, export_triton
 from fastdiff.serve.model import IMAGES, LABELS, SEED, ServedModel
+from fastdiff.serve.server import free_ports
 from tests.tolerances import SERVED_LEVELS_ATOL
 
 #: seconds tritonserver may take to load the Python model (it imports torch and fastdiff: ~10 s here, loaded).
@@ -86,14 +86,6 @@ def test_cli_errors_are_one_line(argv, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.mark.slow  # tritonserver imports torch + fastdiff into its stub: ~10 s idle, 40 s on a loaded 2-core machine
