@@ -7,7 +7,7 @@ import datetime
 import io
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -77,10 +77,12 @@ def plot(results: list[EvalResult], path: str | os.PathLike, title: str = "") ->
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def write_table(results: list[EvalResult], path: str | os.PathLike, note: str = "") -> Path:
-    """Markdown table (with machine, judge accuracy and the real-vs-real FD floor) + a JSON twin."""
+def write_table(results: list[EvalResult], path: str | os.PathLike, note: str = "",
+                formatter: Callable[[list[EvalResult]], str] = format_table) -> Path:
+    """Markdown table (with machine, judge accuracy and the real-vs-real FD floor) + a JSON twin. ``formatter``
+    makes the table from the results (``compare`` has its own columns)."""
     p = Path(path)
-    lines = [format_table(results), ""]
+    lines = [formatter(results), ""]
     if results:
         r0 = results[0]
         lines.append(f"Machine: {r0.device if r0.device else machine_description()}. Judge: CNN trained on 75% of the "
