@@ -55,9 +55,11 @@ def plot(results: list[EvalResult], path: str | os.PathLike, title: str = "") ->
         axes[0].plot(xs, [100 * r.accuracy for r in rs], label=label, **style)
         axes[1].plot(xs, [r.fd for r in rs], label=label, **style)
         for r in rs:
-            axes[0].annotate(str(r.steps), (r.ms_per_image, 100 * r.accuracy), fontsize=7,
+            # an adaptive step count is labelled with the mean it measured, not its maximum
+            text = str(r.steps) if r.mean_steps in (None, r.steps) else f"{r.mean_steps:.2f}"
+            axes[0].annotate(text, (r.ms_per_image, 100 * r.accuracy), fontsize=7,
                              textcoords="offset points", xytext=(3, 3))
-            axes[1].annotate(str(r.steps), (r.ms_per_image, r.fd), fontsize=7, textcoords="offset points",
+            axes[1].annotate(text, (r.ms_per_image, r.fd), fontsize=7, textcoords="offset points",
                              xytext=(3, 3))
     for ax, ylab in zip(axes, ("conditional accuracy (%)", "Fréchet distance (judge features)"), strict=True):
         ax.set_xscale("log")
