@@ -3,6 +3,8 @@
 A CNN judge trained on the real digits (seeded, held-out accuracy printed) decides whether each sample shows the
 requested digit; the FD compares samples and all real digits in the judge's 64-wide feature space. ``--sweep``
 measures every scheduler x step count and writes a Markdown table and a quality-against-time plot (PNG).
+``--compare`` measures the fast-model methods on one table (compare.md / .json / .png): the teacher at 5 / 10 / 20
+steps, digits-onestep, digits-coalescer at 1 / 2 steps and adaptive, and each ``--extra-model DIR[:1,2,4]``.
 Needs scikit-learn (and matplotlib for the plot): ``pip install fastdiff[digits]``.
 """
 
@@ -45,13 +47,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_device_argument(p)
     add_compile_argument(p)
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
-    p.add_argument("--sweep", action="store_true", help="sweep --schedulers x --steps-list")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true", help="sweep --schedulers x --steps-list")
+    mode.add_argument("--compare", action="store_true",
+                      help="one table of the fast-model methods (teacher, one-step student, coalescer, extras)")
+    p.add_argument("--adaptive-threshold", type=cli_number(0.0), default=None,
+                   help="with --compare: confidence at which an adaptive coalescer sample stops (default 0.998)")
     p.add_argument("--schedulers", default="dpmpp_2m,ddim,euler,unipc")
     p.add_argument("--steps-list", type=_steps_list, default="5,10,20,50")
     p.add_argument("--extra-model", action="append", default=[],
-                   help="with --sweep: also measure this model at its own settings (e.g. digits-onestep)")
+                   help="with --sweep: also measure this model at its own settings (e.g. digits-onestep); with "
+                        "--compare: DIR[:STEPS], a model folder sampled at its own scheduler and CFG at STEPS "
+                        "(default 1,2,4), e.g. runs/digits-consistency:1,2,4")
     p.add_argument("--out", "--out-dir", dest="out", default=".",
-                   help="with --sweep: the folder sweep.md / sweep.png go to")
+                   help="with --sweep / --compare: the folder sweep.* / compare.* go to")
     return p
 
 
@@ -62,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:  # checked before the evaluation (minutes), so a bad path cannot lose its results
         check_writable(args.json, "file", what="--json")
     common = dict(num_per_class=args.num_per_class, seed=args.seed, backend=args.backend)
-    if args.sweep and args.compile:
-        raise InvalidInput("--compile measures one setting; it does not combine with --sweep")
-    if args.sweep:
+    if (args.sweep or args.compare) and args.compile:
+        mode = "--sweep" if args.sweep else "--compare"
+        raise InvalidInput(f"--compile measures one setting; it does not combine with {mode}")
+    if args.compare:
+        results = _run_compare(args)
+    elif args.sweep:
         from fastdiff.quality.sweep import plot, sweep, write_table
 
         out = check_writable(args.out, "dir", what="--out", must_exist=True)
@@ -99,3 +111,35 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps([r.as_dict() for r in results], indent=1) + "\n")
     return 0
+
+
+def _run_compare(args: argparse.Namespace) -> list:
+    """``--compare``: inputs checked (output folder, extra model folders, step lists) before minutes of sampling."""
+    from fastdiff.quality.compare import (
+        COALESCER_ADAPTIVE_THRESHOLD,
+        compare,
+        default_jobs,
+        format_compare_table,
+        parse_extra_model,
+    )
+    from fastdiff.quality.sweep import plot, write_table
+
+    out = check_writable(args.out, "dir", what="--out", must_exist=True)
+    extra = [parse_extra_model(e) for e in args.extra_model]
+    threshold = COALESCER_ADAPTIVE_THRESHOLD if args.adaptive_threshold is None else args.adaptive_threshold
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InvalidInput("--compare draws a plot: install matplotlib (pip install 'fastdiff[digits]')") from None
+    results = compare(default_jobs(extra, threshold), num_per_class=args.num_per_class, seed=args.seed)
+    command = (f"python -m fastdiff eval --compare --num-per-class {args.num_per_class} --seed {args.seed}"
+               + (f" --adaptive-threshold {args.adaptive_threshold:g}" if args.adaptive_threshold is not None else "")
+               + "".join(f" --extra-model {e}" for e in args.extra_model))
+    write_table(results, out / "compare.md", formatter=format_compare_table,
+                note=f"Command: `{command}`. Network calls per image are counted (rows the network evaluated in "
+                     "the timed run / images): a CFG batch counts 2 per image per step. Training wall time: "
+                     "`metadata.wall_s` of each model's config (its own training only; \"-\": not recorded).")
+    plot(results, out / "compare.png", title=f"fast models on the digits judge (labels: steps), {results[0].device}")
+    print(format_compare_table(results))
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")
+    return results

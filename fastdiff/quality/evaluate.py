@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -37,9 +38,53 @@ class EvalResult:
     classifier_accuracy: float = 0.0
     fd_real_floor: float = 0.0
     device: str = ""
+    # network rows evaluated per image in the timed run, counted (see count_network_rows): a CFG batch is 2 per
+    # image per step, folded guidance 1; ``method`` / ``mean_steps`` / ``train_wall_s`` label rows of ``compare``
+    calls_per_image: float | None = None
+    method: str = ""
+    mean_steps: float | None = None
+    train_wall_s: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class NetworkRowCounter:
+    """Rows (images) the network evaluated while installed; ``calls`` counts invocations."""
+
+    def __init__(self):
+        self.rows = 0
+        self.calls = 0
+
+
+@contextmanager
+def count_network_rows(model):
+    """Count the rows the network of ``model`` (a loaded model: ``model.unet``) evaluates inside the block.
+
+    Wraps, on the instance, the method that does the network's work: ``heads`` for a coalescer network (its
+    ``forward`` calls ``heads``, so it is counted once either way), else ``forward`` (what ``nn.Module.__call__``
+    runs). The first argument (or ``sample=``) is the batch; its length is the rows evaluated, so a CFG batch of
+    ``2B`` counts 2 per image."""
+    net = getattr(model, "unet", model)
+    name = "heads" if callable(getattr(net, "heads", None)) else "forward"
+    counter = NetworkRowCounter()
+    original = getattr(net, name)
+    own = net.__dict__.get(name)  # an instance-level override already there (a hook) is put back afterwards
+
+    def counted(*args, **kwargs):
+        batch = args[0] if args else kwargs.get("sample")
+        counter.rows += int(batch.shape[0])
+        counter.calls += 1
+        return original(*args, **kwargs)
+
+    setattr(net, name, counted)
+    try:
+        yield counter
+    finally:
+        if own is None:
+            delattr(net, name)  # the class's method shows through again
+        else:
+            setattr(net, name, own)
 
 
 def machine_description(device: torch.device | str | None = None) -> str:
@@ -110,13 +155,15 @@ def evaluate(model="digits", scheduler=None, num_inference_steps: int | None = N
         torch.cuda.synchronize(sampler.device)
     # per-step noise of stochastic samplers (lcm, euler_a) from a seeded stream too: the same command, the same score
     step_noise = torch.Generator().manual_seed(stream_seed(seed, "eval-steps"))
-    t0 = time.perf_counter()
-    images = generate(sampler, labels, noise, steps, g, batch_size=batch_size, generator=step_noise)
-    dt = time.perf_counter() - t0
+    with count_network_rows(m) as counter:
+        t0 = time.perf_counter()
+        images = generate(sampler, labels, noise, steps, g, batch_size=batch_size, generator=step_noise)
+        dt = time.perf_counter() - t0
     s = score(images, labels, seed)
     sched_name = scheduler if isinstance(scheduler, str) else (getattr(sampler.scheduler, "name", None) or "default")
     return EvalResult(model=str(getattr(m, "name", model)), scheduler=sched_name, steps=steps, guidance=g, n=n,
-                      sample_s=dt, ms_per_image=1000 * dt / n, device=machine_description(sampler.device), **s)
+                      sample_s=dt, ms_per_image=1000 * dt / n, device=machine_description(sampler.device),
+                      calls_per_image=counter.rows / n, **s)
 
 
 def format_table(results: list[EvalResult]) -> str:

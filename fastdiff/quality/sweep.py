@@ -7,7 +7,7 @@ import datetime
 import io
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -55,9 +55,11 @@ def plot(results: list[EvalResult], path: str | os.PathLike, title: str = "") ->
         axes[0].plot(xs, [100 * r.accuracy for r in rs], label=label, **style)
         axes[1].plot(xs, [r.fd for r in rs], label=label, **style)
         for r in rs:
-            axes[0].annotate(str(r.steps), (r.ms_per_image, 100 * r.accuracy), fontsize=7,
+            # an adaptive step count is labelled with the mean it measured, not its maximum
+            text = str(r.steps) if r.mean_steps in (None, r.steps) else f"{r.mean_steps:.2f}"
+            axes[0].annotate(text, (r.ms_per_image, 100 * r.accuracy), fontsize=7,
                              textcoords="offset points", xytext=(3, 3))
-            axes[1].annotate(str(r.steps), (r.ms_per_image, r.fd), fontsize=7, textcoords="offset points",
+            axes[1].annotate(text, (r.ms_per_image, r.fd), fontsize=7, textcoords="offset points",
                              xytext=(3, 3))
     for ax, ylab in zip(axes, ("conditional accuracy (%)", "Fréchet distance (judge features)"), strict=True):
         ax.set_xscale("log")
@@ -77,10 +79,12 @@ def plot(results: list[EvalResult], path: str | os.PathLike, title: str = "") ->
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def write_table(results: list[EvalResult], path: str | os.PathLike, note: str = "") -> Path:
-    """Markdown table (with machine, judge accuracy and the real-vs-real FD floor) + a JSON twin."""
+def write_table(results: list[EvalResult], path: str | os.PathLike, note: str = "",
+                formatter: Callable[[list[EvalResult]], str] = format_table) -> Path:
+    """Markdown table (with machine, judge accuracy and the real-vs-real FD floor) + a JSON twin. ``formatter``
+    makes the table from the results (``compare`` has its own columns)."""
     p = Path(path)
-    lines = [format_table(results), ""]
+    lines = [formatter(results), ""]
     if results:
         r0 = results[0]
         lines.append(f"Machine: {r0.device if r0.device else machine_description()}. Judge: CNN trained on 75% of the "
