@@ -44,6 +44,7 @@ from fastdiff.models.coalescer_net import (
     coalesce_step,
     save_coalescer,
 )
+from fastdiff.models.train_digits import ema_update
 
 OBJECTIVE = "coalescer"
 #: smoothing of the direction loss's sqrt at 0 (see the module docstring)
@@ -194,9 +195,7 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()],
-                                 1.0 - min(spec.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, model, min(spec.ema_decay, (1 + step) / (10 + step)))
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         done = step + 1

@@ -43,6 +43,7 @@ from fastdiff._atomic import atomic_write_bytes, check_writable
 from fastdiff._checks import check_int, check_number
 from fastdiff.errors import InvalidInput
 from fastdiff.models.folded_guidance import guidance_scale_embedding
+from fastdiff.models.train_digits import ema_update
 
 OBJECTIVE = "consistency"
 CHECKPOINT = "checkpoint.pt"
@@ -352,9 +353,7 @@ def train_consistency(spec: ConsistencySpec, out: str | os.PathLike, *, teacher=
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in student.parameters()],
-                                 1.0 - spec.target_decay)
+        ema_update(target, student, spec.target_decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         bar.set_postfix(loss=f"{avg:.5f}", refresh=False)
         if spec.log_every and (step + 1) % spec.log_every == 0:

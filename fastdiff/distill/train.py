@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from fastdiff.distill.triplets import load_triplets
 from fastdiff.errors import InvalidInput
+from fastdiff.models.train_digits import ema_update
 
 
 def onestep_scheduler_config(teacher_scheduler: dict) -> dict:
@@ -113,9 +114,7 @@ def train_student(teacher, triplets: str | os.PathLike | dict, out: str | os.Pat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in student.parameters()],
-                                 1.0 - min(ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, student, min(ema_decay, (1 + step) / (10 + step)))
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         if log_every and (step + 1) % log_every == 0:

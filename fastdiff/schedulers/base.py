@@ -76,6 +76,7 @@ class Scheduler:
                                    f"{', '.join(sorted(self.DEFAULTS))}")
             cfg[key] = value
         self._config = cfg
+        self._plan_cache: dict[int, StepPlan] = {}  # plan(n) by n: the config never changes after this
         if name is not None:
             self.name = name
         self._validate_common()
@@ -140,7 +141,7 @@ class Scheduler:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise InvalidInput(f"{self.label()}: num_inference_steps must be an int, got {type(n).__name__} {n!r}")
         n = int(n)
-        cache = self.__dict__.setdefault("_plan_cache", {})
+        cache = self._plan_cache
         if n in cache:
             return cache[n]
         if n < 1 or n > self.max_steps:
