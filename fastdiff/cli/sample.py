@@ -111,16 +111,16 @@ def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, schedu
     (see the module docstring); stochastic samplers (``lcm``) draw their per-step noise from
     ``stream_seed(seed, "sample-steps")``. ``None`` settings take the
     model's defaults (``model.defaults``)."""
-    from fastdiff.models.generate import make_noise, make_sampler, stream_seed
+    from fastdiff.models.generate import LABEL_STRIDE, SAMPLE_STREAM, make_noise, make_sampler, stream_seed
 
     defaults = getattr(model, "defaults", {}) or {}
     steps = steps if steps is not None else int(defaults.get("num_inference_steps", 20))
     g = guidance if guidance is not None else float(defaults.get("guidance_scale", 1.0))
     sampler = make_sampler(model, scheduler=scheduler, backend=backend, compile=compile)
-    ids = [lab * 10000 + j for lab in labels for j in range(num_per_label)]
+    ids = [lab * LABEL_STRIDE + j for lab in labels for j in range(num_per_label)]
     y = torch.tensor([lab for lab in labels for _ in range(num_per_label)])
     size = model.unet.config.sample_size
-    noise = make_noise(stream_seed(seed, "sample"), ids, (model.unet.config.in_channels, size, size))
+    noise = make_noise(stream_seed(seed, SAMPLE_STREAM), ids, (model.unet.config.in_channels, size, size))
     images = sampler.sample(num_inference_steps=steps, guidance_scale=g, class_labels=y.to(sampler.device),
                             latents=noise.to(sampler.device, sampler.dtype), output_type="pil", progress=progress,
                             generator=torch.Generator().manual_seed(stream_seed(seed, "sample-steps")))

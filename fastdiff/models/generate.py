@@ -23,6 +23,13 @@ def sample_seed(base_seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+#: the noise stream of ``python -m fastdiff sample`` (and of ``serve``, so served and sampled images match)
+SAMPLE_STREAM = "sample"
+#: noise index of the j-th image of label k in that stream: ``k * LABEL_STRIDE + j`` (room for 10000 per label), so
+#: an image does not depend on which other labels were asked for
+LABEL_STRIDE = 10000
+
+
 def stream_seed(seed: int, stream: str) -> int:
     """A base seed for a named stream (``"eval"``, ``"sample"``) derived from ``seed``: evaluation and the sample
     command never reuse the noise of distillation triplets, which use ``seed`` itself."""

@@ -37,10 +37,6 @@ from fastdiff.errors import InvalidInput
 LABELS, PROMPT, SEED, STEPS, GUIDANCE, IMAGES = "labels", "prompt", "seed", "steps", "guidance", "images"
 #: the most steps one request may ask for: every scheduler here plans at most its 1000 training timesteps.
 MAX_STEPS = 1000
-#: stream the starting noise is drawn from: the sample command's, so served and sampled images match.
-NOISE_STREAM = "sample"
-#: noise index of the j-th row of label k (as ``python -m fastdiff sample``: room for 10000 images per label).
-LABEL_STRIDE = 10000
 #: the marker a rejected batch's message carries, and the request parameter naming a request in it.
 RETRY_MARKER = "[fastdiff: valid requests in this batch may be sent again]"
 REQUEST_ID_PARAMETER = "fastdiff_request_id"
@@ -223,7 +219,7 @@ class ServedModel:
 
     # ----- sampling ---------------------------------------------------------------------------------------------
     def _rows(self, requests: Sequence[Mapping[str, np.ndarray]]) -> list[_Row]:
-        from fastdiff.models.generate import stream_seed
+        from fastdiff.models.generate import LABEL_STRIDE, SAMPLE_STREAM, stream_seed
 
         rows = []
         for r, req in enumerate(requests):
@@ -241,7 +237,7 @@ class ServedModel:
                 key = (cond, int(seeds[j]))
                 index = seen[key] + (cond * LABEL_STRIDE if not self.text else 0)
                 seen[key] += 1
-                rows.append(_Row(r, j, cond, stream_seed(int(seeds[j]), NOISE_STREAM), index, int(steps[j]),
+                rows.append(_Row(r, j, cond, stream_seed(int(seeds[j]), SAMPLE_STREAM), index, int(steps[j]),
                                  float(guidance[j])))
         return rows
 
