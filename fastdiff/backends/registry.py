@@ -60,12 +60,6 @@ def make_runner(model: Any, backend: str = "torch", device: torch.device | str |
         if dev != p.device or (dtype is not None and dtype != p.dtype):
             model.to(device=dev, dtype=dtype)
         return TorchRunner(unet)
-    if getattr(getattr(unet, "config", None), "down_block_types", None) is None:
-        # The on-the-fly export traces diffusers UNets; anything else (a coalescer network) would fail deep inside it.
-        raise InvalidInput(f"backend={backend!r} exports diffusers UNets on the fly; this model's network is a "
-                           f"{type(unet).__name__}, not a UNet. Run it with backend='auto' (PyTorch)"
-                           + (", or export its whole sampler with python -m fastdiff.export MODEL --format onnx"
-                              if type(unet).__name__ == "CoalescerNet" else ""))
     _require(backend, dev, dtype or p.dtype)
     if backend == "onnxruntime":
         from fastdiff.backends.onnxruntime import OnnxRunner

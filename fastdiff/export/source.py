@@ -33,7 +33,17 @@ class ModelSource:
 
 
 def check_exportable(unet: torch.nn.Module) -> None:
-    """Refuse a UNet patched by ``fastdiff.optimize`` (its fused custom ops have no ONNX form)."""
+    """Refuse a network that is not a diffusers UNet (a coalescer's MLP would fail deep inside the tracing with an
+    AttributeError) and a UNet patched by ``fastdiff.optimize`` (its fused custom ops have no ONNX form). Every
+    UNet export goes through here: the export command, the on-the-fly export of the onnxruntime / tensorrt model
+    backends, Triton model repositories."""
+    if getattr(getattr(unet, "config", None), "down_block_types", None) is None:
+        kind = type(unet).__name__
+        hint = (" This is a coalescer network, not a UNet: export its whole 1-2 step sampler with --format onnx "
+                "(fastdiff.export.coalescer), and sample it with backend='auto' (PyTorch)."
+                if kind == "CoalescerNet" else "")
+        raise InvalidInput(f"the network is a {kind}, not a UNet: ONNX / TensorRT exports, Triton model "
+                           f"repositories and the onnxruntime / tensorrt backends trace diffusers UNets.{hint}")
     if getattr(unet, "_fastdiff_optimized", None):
         raise InvalidInput("this UNet was patched by fastdiff.optimize (fused custom ops that ONNX cannot express); "
                            "call fastdiff.restore(unet) before exporting, and optimize again afterwards")
@@ -148,12 +158,6 @@ def resolve_model(model: Any) -> ModelSource:
 
 
 def _from_label_model(model: torch.nn.Module, name: str, origin: str) -> ModelSource:
-    from fastdiff.models.coalescer_net import CoalescerModel
-
-    if isinstance(model, CoalescerModel):  # its network is no UNet: only its whole sampler exports (one small graph)
-        raise InvalidInput(f"{name} is a coalescer network, not a UNet: export it with --format onnx (the whole "
-                           "1-2 step sampler as one graph, fastdiff.export.coalescer.export_coalescer); TensorRT "
-                           "engines and Triton model repositories are built for UNets")
     model = model.eval()
     facts = unet_facts(model.unet, model)
     model_cfg = getattr(model, "model_config", {}) or {}
