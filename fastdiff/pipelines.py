@@ -125,11 +125,21 @@ def pipeline_reasons(pipe: Any, kind: str | None = None) -> list[str]:
     return reasons
 
 
+#: the attribute of a pipeline that holds its own default call arguments (set by ``fastdiff.models.load_pipeline``
+#: for the embedded ``shapes`` model: a 20-step model should not be sampled at diffusers' generic 50 steps / CFG 7.5)
+DEFAULTS_ATTR = "fastdiff_defaults"
+
+
 def bind_call(pipe: Any, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    """(every named argument of the pipeline's ``__call__`` with defaults applied, the extra ``**kwargs``)."""
+    """(every named argument of the pipeline's ``__call__`` with defaults applied, the extra ``**kwargs``).
+    Arguments the caller left out take ``pipe.fastdiff_defaults`` first (when the pipeline has it), then the
+    signature's defaults."""
     base = getattr(type(pipe), "_fastdiff_original_class", type(pipe))
     sig = inspect.signature(base.__call__)
     bound = sig.bind(pipe, *args, **kwargs)
+    for name, value in (getattr(pipe, DEFAULTS_ATTR, None) or {}).items():
+        if name in sig.parameters and name not in bound.arguments:
+            bound.arguments[name] = value
     bound.apply_defaults()
     values, extra = {}, {}
     for name, param in sig.parameters.items():
@@ -339,7 +349,15 @@ class PipelineSampler:
         if kind == "sdxl":
             values["original_size"] = a["original_size"] or (height, width)
             values["target_size"] = a["target_size"] or (height, width)
-        _call_with_known(pipe.check_inputs, values)
+        prompt = a["prompt"]
+        if isinstance(prompt, list) and not prompt:
+            raise InvalidInput("prompt is an empty list: give at least one prompt")
+        try:
+            _call_with_known(pipe.check_inputs, values)
+        except InvalidInput:
+            raise
+        except ValueError as e:  # diffusers' own checks: same message, fastdiff's error type
+            raise InvalidInput(str(e)) from e
 
         g = float(a["guidance_scale"])
         lcm = getattr(unet_cfg, "time_cond_proj_dim", None) is not None
@@ -352,7 +370,6 @@ class PipelineSampler:
 
         plan = self._plan(a["num_inference_steps"], a["eta"] if pipe_eta else None)
 
-        prompt = a["prompt"]
         batch = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else len(a["prompt_embeds"])
         total = batch * a["num_images_per_prompt"]
         device = pipe._execution_device
@@ -361,7 +378,12 @@ class PipelineSampler:
         if not _same_device(runner.device, torch.device(device)):
             raise Unsupported([f"the UNet is on {runner.device} but the pipeline executes on {device}"])
 
-        cond, dtype = self._conditioning(a, values, kind, device, do_cfg, g, total)
+        try:
+            cond, dtype = self._conditioning(a, values, kind, device, do_cfg, g, total)
+        except InvalidInput:
+            raise
+        except ValueError as e:  # encode_prompt's checks (e.g. a negative-prompt list of another length)
+            raise InvalidInput(str(e)) from e
         if dtype != runner.dtype:
             raise Unsupported([f"the prompt embeddings are {dtype} but the UNet runs in {runner.dtype}"])
         shape = (total, unet_cfg.in_channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)

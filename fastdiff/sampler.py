@@ -22,6 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from fastdiff.errors import InvalidInput
+from fastdiff.models.text_to_image import is_pipeline_model, load_pipeline
 from fastdiff.pipelines import PipelineSampler, is_diffusers_pipeline
 from fastdiff.unet_sampler import UNetSampler
 
@@ -41,7 +42,8 @@ class Sampler(ABC):
 
     Args:
         model: a diffusers UNet, a ``LabelConditionedUNet``, an embedded model name (``"digits"``), an exported
-            ``.onnx`` / engine path, or a diffusers StableDiffusion(XL) pipeline. None means ``"digits"``.
+            ``.onnx`` / engine path, a diffusers StableDiffusion(XL) pipeline, or the name of an embedded
+            pipeline (``"shapes"``: prompts in, with its own default steps and guidance). None means ``"digits"``.
         scheduler: a scheduler name, a diffusers scheduler / its config, or a ``fastdiff.schedulers.Scheduler``.
         backend: ``"auto"``, a step backend (``"torch"``, ``"cpp"``, ``"cuda"``, ``"triton"``) or a model backend
             (``"onnxruntime"``, ``"tensorrt"``).
@@ -68,6 +70,8 @@ Sampler.register(PipelineSampler)
 
 
 def _build(model, compile: bool = False, **options):
+    if is_pipeline_model(model):  # an embedded text-to-image pipeline ("shapes") or its folder: loaded first
+        model = load_pipeline(model)
     cls = sampler_class(model)
     if not compile:
         return cls(model, **options)

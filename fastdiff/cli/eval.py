@@ -5,7 +5,9 @@ requested digit; the FD compares samples and all real digits in the judge's 64-w
 measures every scheduler x step count and writes a Markdown table and a quality-against-time plot (PNG).
 ``--compare`` measures the fast-model methods on one table (compare.md / .json / .png): the teacher at 5 / 10 / 20
 steps, digits-onestep, digits-coalescer at 1 / 2 steps and adaptive, and each ``--extra-model DIR[:1,2,4]``.
-Needs scikit-learn (and matplotlib for the plot): ``pip install fastdiff[digits]``.
+``--model shapes`` judges the text-to-image pipeline's prompt adherence instead (:mod:`fastdiff.quality.shapes_eval`:
+fractions of one- and two-object prompts fully correct, FD in the shapes judge's features; ``--sweep`` over
+``--guidance-list``). Needs scikit-learn (and matplotlib for the plot): ``pip install fastdiff[digits]``.
 """
 
 from __future__ import annotations
@@ -32,11 +34,24 @@ def _steps_list(text: str) -> list[int]:
     return steps
 
 
+def _guidance_list(text: str) -> list[float]:
+    """``"1,3,5"`` -> [1.0, 3.0, 5.0]; every scale >= 0."""
+    parse = cli_number(minimum=0.0)
+    try:
+        values = [parse(v) for v in text.split(",") if v.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"each guidance scale {e}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one guidance scale, e.g. 1,3,5,7,9")
+    return values
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``eval`` subcommand."""
     p = subparsers.add_parser("eval", help="measure accuracy / Fréchet distance / time; sweep schedulers x steps",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits", help="embedded model name or model directory")
+    p.add_argument("--model", default="digits",
+                   help="embedded model name (digits, digits-onestep, digits-coalescer, shapes) or model directory")
     p.add_argument("--scheduler", default=None, help="scheduler name (default: the model's own)")
     p.add_argument("--steps", type=cli_int(1), default=None, help="inference steps (default: the model's)")
     p.add_argument("--guidance", type=cli_number(), default=None, help="CFG scale (default: the model's)")
@@ -59,6 +74,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --sweep: also measure this model at its own settings (e.g. digits-onestep); with "
                         "--compare: DIR[:STEPS], a model folder sampled at its own scheduler and CFG at STEPS "
                         "(default 1,2,4), e.g. runs/digits-consistency:1,2,4")
+    p.add_argument("--guidance-list", type=_guidance_list, default="1,2,3,5,7,9",
+                   help="with --model shapes --sweep: the guidance scales (default 1,2,3,5,7,9)")
+    p.add_argument("--num-seeds", type=cli_int(1), default=None,
+                   help="with --model shapes: images per prompt (default 4: the judge's EVAL_SEEDS)")
     p.add_argument("--out", "--out-dir", dest="out", default=".",
                    help="with --sweep / --compare: the folder sweep.* / compare.* go to")
     return p
@@ -66,10 +85,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the measurement(s), print a table; returns the exit status."""
+    from fastdiff.models import is_pipeline_model
     from fastdiff.quality.evaluate import evaluate, format_table
 
     if args.json:  # checked before the evaluation (minutes), so a bad path cannot lose its results
         check_writable(args.json, "file", what="--json")
+    if is_pipeline_model(args.model):
+        return _run_shapes(args)
     common = dict(num_per_class=args.num_per_class, seed=args.seed, backend=args.backend)
     if (args.sweep or args.compare) and args.compile:
         mode = "--sweep" if args.sweep else "--compare"
@@ -143,3 +165,37 @@ def _run_compare(args: argparse.Namespace) -> list:
     print(format_compare_table(results))
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")
     return results
+
+
+def _run_shapes(args: argparse.Namespace) -> int:
+    """``--model shapes`` (or a folder written by ``train shapes``): prompt adherence on the shapes judge;
+    ``--sweep`` over guidance scales (``--guidance-list``), writing shapes_sweep.md / .json / .png to ``--out``."""
+    from fastdiff.quality import shapes_eval as E
+
+    for flag, given in (("--compare", args.compare), ("--compile", args.compile), ("--scheduler", args.scheduler),
+                        ("--extra-model", args.extra_model)):
+        if given:
+            raise InvalidInput(f"{flag} is for the digits models; `eval --model {args.model}` takes --steps, "
+                               "--guidance, --sweep [--guidance-list], --backend, --json, --out")
+    device = resolve_device(args.device)
+    seeds = tuple(range(args.num_seeds)) if args.num_seeds else None
+    if args.sweep:
+        out = check_writable(args.out, "dir", what="--out", must_exist=True)
+        results = E.sweep(args.model, args.guidance_list, args.steps, seeds, backend=args.backend, device=device)
+        command = (f"python -m fastdiff eval --model {args.model} --sweep --guidance-list "
+                   f"{','.join(f'{g:g}' for g in args.guidance_list)}"
+                   + (f" --steps {args.steps}" if args.steps else "") + (f" --num-seeds {args.num_seeds}"
+                                                                         if args.num_seeds else ""))
+        paths = E.write_results(results, out, "shapes_sweep", note=f"Command: `{command}`.")
+        print(E.format_table(results))
+        print("wrote " + ", ".join(str(p) for p in paths))
+    else:
+        results = [E.evaluate(args.model, args.steps, args.guidance, seeds, backend=args.backend, device=device)]
+        print(E.format_table(results))
+        r = results[0]
+        verdict = " ".join(f"{k.replace('_', ' ')} {'met' if getattr(r, k) >= v else 'MISSED'} (goal {100 * v:.0f} %)"
+                           for k, v in E.GOALS.items())
+        print(f"goals: {verdict}; machine: {r.device}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps([r.as_dict() for r in results], indent=1) + "\n")
+    return 0

@@ -1,8 +1,13 @@
-"""``python -m fastdiff sample``: draw digits with an embedded (or any label-conditioned) model, write a PNG grid.
+"""``python -m fastdiff sample``: draw digits with an embedded (or any label-conditioned) model, or pictures of
+prompts with the embedded text-to-image ``shapes`` pipeline, and write a PNG grid.
 
 Defaults: the ``digits`` model with its own sampler settings (DPM-Solver++ 20 steps, CFG 1.5), every digit, seed 0.
 Image ``j`` of label ``k`` starts from noise seeded by ``(stream_seed(seed, "sample"), k * 10000 + j)``, so a
 digit's picture does not depend on which other labels were asked for, and the same seed gives the same PNG.
+
+``--model shapes --prompt "a red circle left of a blue square" [--prompt ...]``: one column per prompt (the prompt
+written above it), ``--num-per-prompt`` rows; image ``j`` of the ``i``-th prompt starts from the noise of index
+``i * 10000 + j`` in the same stream (the model's own 20 steps and CFG unless ``--steps`` / ``--guidance``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ from fastdiff.images import save_image
 from fastdiff.sample_inputs import preview
 
 DEFAULT_OUTPUT = "digits.png"
+DEFAULT_PROMPT_OUTPUT = "shapes.png"
+#: the prompts drawn by ``sample --model shapes`` without ``--prompt``
+DEFAULT_PROMPTS = ("a red circle", "a blue square on the left", "a yellow triangle at the top",
+                   "a red circle left of a blue square", "a green square above a magenta circle")
 #: the largest grid cell: beyond it the PNG grows to gigabytes for no gain (the models draw 16x16).
 MAX_CELL = 1024
 
@@ -84,9 +93,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``sample`` subcommand."""
     p = subparsers.add_parser("sample", help="draw digits with the embedded model and write a labelled PNG grid",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits", help="embedded model name (digits, digits-onestep) or model dir")
+    p.add_argument("--model", default="digits", help="embedded model name (digits, digits-onestep, digits-coalescer, "
+                   "shapes: text to image) or model dir")
     p.add_argument("--labels", default=None, help="digits to draw, e.g. 0-9 (default), 3,1,4")
     p.add_argument("--num-per-label", type=cli_int(1), default=1, help="images per digit (grid rows)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="with --model shapes: a prompt to draw (repeat for more columns; default: five examples)")
+    p.add_argument("--negative-prompt", default=None, help="with --model shapes: the negative prompt of every image")
+    p.add_argument("--num-per-prompt", type=cli_int(1), default=None,
+                   help="with --model shapes: images per prompt (grid rows; default 2)")
     p.add_argument("--scheduler", default=None, help="dpmpp_2m, ddim, euler, euler_a, unipc, ddpm, lcm, onestep "
                    "(default: the model's own)")
     p.add_argument("--steps", type=cli_int(1), default=None, help="inference steps (default: the model's, 20 / 1)")
@@ -95,9 +110,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_device_argument(p)
     add_compile_argument(p)
     p.add_argument("--seed", type=cli_int(None), default=0)
-    p.add_argument("--cell", type=cli_int(1, MAX_CELL), default=64, help="pixels per image in the grid")
-    p.add_argument("--out", "-o", "--output", dest="out", default=DEFAULT_OUTPUT,
-                   help=f"PNG path (default {DEFAULT_OUTPUT})")
+    p.add_argument("--cell", type=cli_int(1, MAX_CELL), default=None,
+                   help="pixels per image in the grid (default 64; 128 for shapes)")
+    p.add_argument("--out", "-o", "--output", dest="out", default=None,
+                   help=f"PNG path (default {DEFAULT_OUTPUT}; {DEFAULT_PROMPT_OUTPUT} for shapes)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -127,21 +143,106 @@ def draw(model, labels: list[int], num_per_label: int = 1, seed: int = 0, schedu
     return images, sampler, steps, g
 
 
+def prompt_grid(images: list, prompts: list[str], rows: int, cell: int = 128, title: str = ""):
+    """A grid RGB PIL image: one column per prompt (its text wrapped above it), ``rows`` images per column, ordered
+    column by column (all images of ``prompts[0]`` first)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=11)
+    except TypeError:
+        font = ImageFont.load_default()
+    pad, line = 4, 13
+    width = max(8, cell // 6)  # characters per caption line (~6 px each at size 11)
+    wrapped = [textwrap.wrap(p, width) or [""] for p in prompts]
+    head = line * max(len(w) for w in wrapped) + pad
+    top = head + (line + pad if title else 0)
+    grid = Image.new("RGB", (len(prompts) * (cell + pad) + pad, top + rows * (cell + pad) + pad), color="white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((pad, 2), title, fill="black", font=font)
+    for c, lines in enumerate(wrapped):
+        x = pad + c * (cell + pad)
+        for k, text in enumerate(lines):
+            draw.text((x, top - head + k * line), text, fill="black", font=font)
+        for r in range(rows):
+            grid.paste(images[c * rows + r].convert("RGB").resize((cell, cell), Image.NEAREST),
+                       (x, top + r * (cell + pad)))
+    return grid
+
+
+def draw_prompts(pipe, prompts: list[str], num_per_prompt: int = 2, seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, backend: str = "auto", negative_prompt: str | None = None,
+                 scheduler: str | None = None, progress: bool = True):
+    """Images of prompts (PIL, column by column) with ``fastdiff.Sampler(pipe)``: image ``j`` of prompt ``i``
+    starts from noise index ``i * LABEL_STRIDE + j`` of ``stream_seed(seed, "sample")`` (see the module
+    docstring). Returns ``(images, sampler, steps, guidance)``."""
+    import fastdiff
+    from fastdiff.models.generate import LABEL_STRIDE, SAMPLE_STREAM, make_noise, stream_seed
+
+    defaults = getattr(pipe, "fastdiff_defaults", {}) or {}
+    steps = steps if steps is not None else int(defaults.get("num_inference_steps", 50))
+    g = guidance if guidance is not None else float(defaults.get("guidance_scale", 7.5))
+    sampler = fastdiff.Sampler(pipe, scheduler=scheduler, backend=backend)
+    ids = [i * LABEL_STRIDE + j for i in range(len(prompts)) for j in range(num_per_prompt)]
+    size = pipe.unet.config.sample_size
+    noise = make_noise(stream_seed(seed, SAMPLE_STREAM), ids, (pipe.unet.config.in_channels, size, size))
+    texts = [p for p in prompts for _ in range(num_per_prompt)]
+    negative = None if negative_prompt is None else [negative_prompt] * len(texts)
+    images = sampler.sample(prompt=texts, negative_prompt=negative, num_inference_steps=steps, guidance_scale=g,
+                            latents=noise.to(sampler.device, sampler.dtype), output_type="pil", progress=progress,
+                            generator=torch.Generator().manual_seed(stream_seed(seed, "sample-steps")))
+    return images, sampler, steps, g
+
+
+def _run_prompts(args: argparse.Namespace, out: Path) -> int:
+    from fastdiff.models import load_pipeline
+
+    if args.labels is not None or args.num_per_label != 1:
+        raise InvalidInput("--labels / --num-per-label are for the digits models; --model shapes takes --prompt "
+                           "and --num-per-prompt")
+    if args.compile:
+        raise InvalidInput("--compile is not supported for text-to-image pipelines yet")
+    prompts = list(args.prompt or DEFAULT_PROMPTS)
+    for p in prompts:
+        if len(p) > 1000:
+            raise InvalidInput(f"--prompt is {len(p)} characters long; the tokenizer keeps 24 tokens: shorten it")
+    pipe = load_pipeline(args.model, device=resolve_device(args.device))
+    rows = args.num_per_prompt or 2
+    images, sampler, steps, g = draw_prompts(pipe, prompts, rows, args.seed, args.steps, args.guidance,
+                                             args.backend, args.negative_prompt, args.scheduler,
+                                             progress=not args.no_progress)
+    name = args.model if isinstance(args.model, str) and "/" not in args.model else "shapes"
+    title = f"{name}: {getattr(sampler.scheduler, 'name', '?')} {steps} steps, CFG {g:g}, seed {args.seed}"
+    save_image(prompt_grid(images, prompts, rows, cell=args.cell or 128, title=title), out)
+    print(f"wrote {out} ({len(images)} images; {title})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Sample and write the grid; returns the exit status."""
-    from fastdiff.models import load
+    from fastdiff.models import is_pipeline_model, load
 
-    out = Path(args.out)
+    text_to_image = is_pipeline_model(args.model)
+    if args.prompt and not text_to_image:
+        raise InvalidInput(f"--prompt needs a text-to-image model (--model shapes); {args.model!r} draws labels")
+    if not text_to_image and (args.num_per_prompt is not None or args.negative_prompt is not None):
+        raise InvalidInput("--num-per-prompt / --negative-prompt are for --model shapes")
+    out = Path(args.out or (DEFAULT_PROMPT_OUTPUT if text_to_image else DEFAULT_OUTPUT))
     if out.suffix.lower() != ".png":
         raise InvalidInput(f"--out must be a .png path, got {str(out)!r}")
     check_writable(out, "file", what="--out")  # before the model loads and samples, not after
+    if text_to_image:
+        return _run_prompts(args, out)
     model = load(args.model, device=resolve_device(args.device))
     labels = parse_labels(args.labels, model.num_classes)
     images, sampler, steps, g = draw(model, labels, args.num_per_label, args.seed, args.scheduler, args.steps,
                                      args.guidance, args.backend, progress=not args.no_progress,
                                      compile=args.compile)
     title = f"{model.name}: {getattr(sampler.scheduler, 'name', '?')} {steps} steps, CFG {g:g}, seed {args.seed}"
-    save_image(label_grid(images, labels, args.num_per_label, cell=args.cell, title=title), out)
+    save_image(label_grid(images, labels, args.num_per_label, cell=args.cell or 64, title=title), out)
     print(f"wrote {out} ({len(images)} images; {title})")
     if args.compile:
         print(f"compile time {sampler.compile_seconds:.1f} s (included in the run, not in later calls)")

@@ -1,5 +1,6 @@
-"""``python -m fastdiff train MODEL [options]``: train an embedded model from scratch (``digits``; ``shapes-judge``:
-the detector that judges the ``shapes`` pipeline; ``shapes-vae``: its autoencoder)."""
+"""``python -m fastdiff train MODEL [options]``: train an embedded model from scratch (``digits``; ``shapes``: the
+text-to-image UNet and text encoder; ``shapes-judge``: the detector that judges the ``shapes`` pipeline;
+``shapes-vae``: its autoencoder)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import argparse
 import shlex
 
 from fastdiff.models import train_digits
+from fastdiff.models.shapes import train_unet as train_shapes
 from fastdiff.models.shapes import train_vae as train_shapes_vae
 from fastdiff.quality import train_shapes_judge
 
 #: model name -> its trainer module (``add_arguments(parser)``, ``run(args, command)``)
-TRAINERS = {"digits": train_digits, "shapes-judge": train_shapes_judge, "shapes-vae": train_shapes_vae}
+TRAINERS = {"digits": train_digits, "shapes": train_shapes, "shapes-judge": train_shapes_judge,
+            "shapes-vae": train_shapes_vae}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``train`` with one sub-command per trainable model, each with its trainer's options."""
-    p = subparsers.add_parser("train", help="train an embedded model (digits, shapes-judge, shapes-vae)",
+    p = subparsers.add_parser("train", help="train an embedded model (digits, shapes, shapes-judge, shapes-vae)",
                               description=__doc__)
     models = p.add_subparsers(dest="model", required=True, metavar="MODEL")
     for name, trainer in TRAINERS.items():

@@ -28,6 +28,10 @@ EMBEDDED: dict[str, str] = {
     "digits-onestep": "one-step student distilled from 'digits' (1 step, no CFG)",
     "digits-coalescer": "coalescer network on the digits data, no teacher (1 or 2 steps)",
 }
+#: Text-to-image pipelines that ship inside the package (diffusers pipelines: :func:`load_pipeline`).
+EMBEDDED_PIPELINES: dict[str, str] = {
+    "shapes": "text-to-image 64x64 shapes: a diffusers StableDiffusionPipeline (DPM-Solver++ 20 steps, CFG 5)",
+}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "fastdiff.label_conditioned_unet"
@@ -55,6 +59,10 @@ def _not_found(what: str) -> ModelNotFound:
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """The directory of an embedded model name or a model path; raises :class:`ModelNotFound`."""
     s = os.fspath(name_or_path)
+    if s in EMBEDDED_PIPELINES:
+        raise ModelNotFound(f"{s!r} is a text-to-image pipeline, not a label-conditioned model: load it with "
+                            f"fastdiff.models.load_pipeline({s!r}) or sample it with "
+                            f"fastdiff.sample(model={s!r}, prompt=[...])")
     if s in EMBEDDED:
         d = WEIGHTS_DIR / s
         if not (d / WEIGHTS_NAME).is_file() or not (d / CONFIG_NAME).is_file():

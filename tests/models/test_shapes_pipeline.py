@@ -1,0 +1,193 @@
+"""The ``shapes`` text-to-image pipeline: saving / loading its components, sampling it through fastdiff (equal to
+the untouched diffusers pipeline), its defaults, bad input, the trainer's resume, and the CLI paths.
+
+Mechanics run on a tiny randomly initialised UNet and text encoder (the shipped VAE and tokenizer), written by
+the same ``save_components`` the trainer uses; the shipped weights are checked where they are what matters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.errors import InvalidInput, ModelNotFound
+from fastdiff.models import load_pipeline
+from fastdiff.models.shapes import pipeline as P
+from tests.tolerances import IMG_ATOL
+
+TINY_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "projection_dim": 16, "max_position_embeddings": 24}
+TINY_UNET = {**P.UNET_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 4,
+             "cross_attention_dim": 16}
+PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shapes_tiny")
+    unet, te = P.build_unet(1, TINY_UNET), P.build_text_encoder(2, TINY_TEXT)
+    with torch.no_grad():  # a freshly built UNet's output conv is zero: make the output depend on the input
+        for p in unet.conv_out.parameters():
+            p.normal_(0, 0.1)
+    P.save_components(unet, te, d, {"command": "test"})
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_dir):
+    return load_pipeline(tiny_dir)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_components_round_trip(tiny_dir, tiny_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    assert isinstance(tiny_pipe, StableDiffusionPipeline)
+    assert tiny_pipe.vae_scale_factor == 4 and tiny_pipe.unet.config.sample_size == 16
+    assert tiny_pipe.fastdiff_defaults == P.DEFAULTS
+    assert P.metadata(tiny_dir)["command"] == "test"
+    # saved in float16, loaded as float32: the loaded weights are the fp16 rounding of the originals
+    unet = P.build_unet(1, TINY_UNET)
+    w = dict(unet.named_parameters())["conv_in.weight"]
+    assert torch.equal(dict(tiny_pipe.unet.named_parameters())["conv_in.weight"], w.half().float())
+    assert tiny_pipe.unet.dtype == torch.float32 and tiny_pipe.text_encoder.dtype == torch.float32
+
+
+def test_fastdiff_sample_equals_the_pipeline(tiny_dir, tiny_pipe):
+    ref = tiny_pipe(PROMPTS, num_inference_steps=4, guidance_scale=5.0, generator=_gen(3), output_type="np").images
+    out = fastdiff.sample(model=str(tiny_dir), prompt=PROMPTS, num_inference_steps=4, guidance_scale=5.0,
+                          generator=_gen(3), output_type="np", progress=False)
+    assert out.shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(out, ref, atol=IMG_ATOL, rtol=0)
+    assert np.abs(ref[0] - ref[1]).max() > 1e-3  # the prompts (and noises) differ, so must the images
+
+
+def test_accelerate_gives_the_untouched_pipeline_images(tiny_pipe):
+    ref = tiny_pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=_gen(5), output_type="np").images
+    fastdiff.accelerate(tiny_pipe)
+    try:
+        acc = tiny_pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=_gen(5),
+                        output_type="np").images
+    finally:
+        fastdiff.restore(tiny_pipe)
+    np.testing.assert_allclose(acc, ref, atol=IMG_ATOL, rtol=0)
+
+
+def test_sampler_takes_the_models_defaults(tiny_pipe, monkeypatch):
+    monkeypatch.setattr(tiny_pipe, "fastdiff_defaults", {"num_inference_steps": 3, "guidance_scale": 2.0})
+    ref = tiny_pipe(PROMPTS[:1], num_inference_steps=3, guidance_scale=2.0, generator=_gen(), output_type="np")
+    out = fastdiff.Sampler(tiny_pipe).sample(prompt=PROMPTS[:1], generator=_gen(), output_type="np", progress=False)
+    np.testing.assert_allclose(out, ref.images, atol=IMG_ATOL, rtol=0)
+    # an explicit argument wins over the model's default
+    out4 = fastdiff.Sampler(tiny_pipe).sample(prompt=PROMPTS[:1], num_inference_steps=4, generator=_gen(),
+                                              output_type="np", progress=False)
+    assert np.abs(out4 - out).max() > 1e-4
+
+
+@pytest.mark.parametrize("prompt", ["", "a purple elephant 42 !!", "a red circle " * 30])
+def test_odd_prompts_follow_diffusers(tiny_pipe, prompt):
+    """Empty -> the empty prompt; unknown words -> <|unk|>; over-long -> truncated to 24 tokens (as diffusers)."""
+    ref = tiny_pipe([prompt], num_inference_steps=2, guidance_scale=4.0, generator=_gen(), output_type="np").images
+    out = fastdiff.sample(tiny_pipe, prompt=[prompt], num_inference_steps=2, guidance_scale=4.0, generator=_gen(),
+                          output_type="np", progress=False)
+    np.testing.assert_allclose(out, ref, atol=IMG_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"prompt": PROMPTS, "negative_prompt": ["a green square"]}, "negative_prompt"),
+    ({"prompt": []}, "empty list"),
+    ({"prompt": None}, "prompt"),
+])
+def test_bad_prompts_are_invalid_input(tiny_pipe, kwargs, match):
+    with pytest.raises(InvalidInput, match=match):
+        fastdiff.sample(tiny_pipe, num_inference_steps=2, progress=False, **kwargs)
+
+
+def test_loading_errors(tmp_path, tiny_dir):
+    with pytest.raises(ModelNotFound, match="unknown pipeline"):
+        load_pipeline("no-such-pipeline")
+    with pytest.raises(ModelNotFound, match=r"fastdiff.models.load\('digits'\)"):
+        load_pipeline("digits")
+    with pytest.raises(ModelNotFound, match="load_pipeline"):
+        fastdiff.models.load("shapes")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text((tiny_dir / "unet" / "config.json").read_text())
+    with pytest.raises(ModelNotFound, match="lacks unet/diffusion_pytorch_model.safetensors"):
+        load_pipeline(tmp_path)
+
+
+def test_training_resumes_bit_for_bit(tmp_path):
+    from fastdiff.models.shapes import train_unet
+
+    common = dict(batch_size=3, seed=4, progress=False, log_every=0, unet_config=TINY_UNET, text_config=TINY_TEXT)
+    u_full, t_full, meta = train_unet.train(steps=4, out=tmp_path / "full", save_every=0, **common)
+    train_unet.train(steps=2, out=tmp_path / "part", save_every=1, **common)
+    u_res, t_res, meta_res = train_unet.train(steps=4, out=tmp_path / "part", resume=True, **common)
+    for a, b in ((u_full, u_res), (t_full, t_res)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(p, q), name
+    assert meta_res["resumed_from"] == [2]
+    fresh = P.build_unet(4, TINY_UNET)
+    assert not torch.equal(fresh.conv_in.weight, u_full.conv_in.weight)  # it did train
+    with pytest.raises(InvalidInput, match="no checkpoint"):
+        train_unet.train(steps=2, out=tmp_path / "empty", resume=True, **common)
+    with pytest.raises(InvalidInput, match="more --steps"):
+        train_unet.train(steps=4, out=tmp_path / "part", resume=True, **common)
+
+
+def test_training_data_is_what_the_pipeline_sees():
+    from fastdiff.models.shapes.tokenizer import load_tokenizer
+    from fastdiff.models.shapes.train_unet import tokenize
+
+    tok = load_tokenizer()
+    pipe_ids = tok(["a red circle"], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+    assert torch.equal(tokenize(tok, ["a red circle"]), pipe_ids) and pipe_ids.shape == (1, 24)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_sample_cli_writes_a_prompt_grid(tmp_path, tiny_dir):
+    from PIL import Image
+
+    r = _cli("sample", "--model", str(tiny_dir), "--prompt", "a red circle", "--prompt", "a blue square on the left",
+             "--num-per-prompt", "2", "--steps", "2", "--out", "grid.png", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    im = Image.open(tmp_path / "grid.png")
+    assert im.mode == "RGB" and im.width > 2 * 128 and im.height > 2 * 128
+    r = _cli("sample", "--prompt", "a red circle", cwd=tmp_path)  # digits takes no prompt
+    assert r.returncode == 2 and "text-to-image" in r.stderr
+    r = _cli("sample", "--model", str(tiny_dir), "--labels", "3", cwd=tmp_path)
+    assert r.returncode == 2 and "--prompt" in r.stderr
+
+
+def test_eval_scores_images_against_their_prompts(tiny_pipe):
+    from fastdiff.quality import shapes_eval as E
+
+    r = E.evaluate(tiny_pipe, num_inference_steps=1, guidance_scale=1.0, seeds=(0,), prompts=PROMPTS,
+                   progress=False)
+    assert r.images == 2 and r.steps == 1 and 0 <= r.one_object <= 1 and np.isfinite(r.frechet)
+    assert "| pipeline | 1 | 1 |" in E.format_table([r])
+
+
+def test_eval_cli_refuses_digits_flags(tmp_path):
+    r = _cli("eval", "--model", "shapes", "--compare", cwd=tmp_path)
+    assert r.returncode == 2 and "--compare is for the digits models" in r.stderr
+
+
+def test_scheduler_config_is_the_training_schedule(tiny_dir):
+    cfg = json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text())
+    sched = P.make_scheduler(cfg)
+    assert sched.config.prediction_type == "v_prediction" and sched.config.beta_schedule == "squaredcos_cap_v2"
+    assert fastdiff.from_diffusers(sched).name == "dpmpp_2m"
