@@ -47,7 +47,8 @@ class ShapesEvalResult:
     device: str
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields, NaN (no prompt named a size) as None so the JSON is standard."""
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(self).items()}
 
 
 def _pipeline(model, device=None):
@@ -129,8 +130,9 @@ def format_table(results: list[ShapesEvalResult]) -> str:
     rows = ["| model | steps | CFG | one object fully correct | two objects fully correct | size (named) | FD | "
             "ms / image | images |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        size = "-" if r.size_accuracy != r.size_accuracy else f"{100 * r.size_accuracy:.1f} %"
         rows.append(f"| {r.model} | {r.steps} | {r.guidance:g} | {100 * r.one_object:.1f} % | "
-                    f"{100 * r.two_object:.1f} % | {100 * r.size_accuracy:.1f} % | {r.frechet:.1f} | "
+                    f"{100 * r.two_object:.1f} % | {size} | {r.frechet:.1f} | "
                     f"{r.ms_per_image:.1f} | {r.images} |")
     return "\n".join(rows)
 

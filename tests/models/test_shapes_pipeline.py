@@ -124,6 +124,43 @@ def test_loading_errors(tmp_path, tiny_dir):
         load_pipeline(tmp_path)
 
 
+def test_damaged_or_replaced_weights_are_refused(tmp_path, tiny_dir):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_dir, d)
+    load_pipeline(d)  # intact: loads
+    w = d / "text_encoder" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(ModelNotFound, match="text_encoder/model.safetensors does not match"):
+        load_pipeline(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(ModelNotFound, match="manifest"):
+        load_pipeline(d)
+
+
+def test_a_pipeline_trained_on_another_vae_is_refused(tmp_path, tiny_dir, monkeypatch):
+    other = tmp_path / "other_vae.safetensors"
+    other.write_bytes(b"another VAE")
+    monkeypatch.setattr(P, "_vae_weights", lambda: other)
+    with pytest.raises(ModelNotFound, match="not the one this pipeline was trained on"):
+        load_pipeline(tiny_dir)
+
+
+def test_shipped_pipeline_loads_within_the_size_budget():
+    from fastdiff.models.registry import WEIGHTS_DIR
+
+    pipe = load_pipeline("shapes")
+    assert list(pipe.unet.config.block_out_channels) == P.UNET_CONFIG["block_out_channels"]
+    files = [f for d in ("shapes", "shapes-vae", "shapes-tokenizer") for f in (WEIGHTS_DIR / d).rglob("*")
+             if f.is_file() and f.name != "checkpoint.pt"]
+    assert sum(f.stat().st_size for f in files) <= 15 * 2**20  # the 15 MB for the whole model
+    meta = P.metadata()
+    assert meta["defaults"] == pipe.fastdiff_defaults and meta["steps"] > 0 and meta["wall_s"] > 0
+
+
 def test_training_resumes_bit_for_bit(tmp_path):
     from fastdiff.models.shapes import train_unet
 

@@ -16,7 +16,8 @@ Components (all diffusers / transformers classes, nothing custom at sampling tim
 
 Weights live in ``weights/shapes/{unet,text_encoder}`` in diffusers' / transformers' own folder layouts (float16
 safetensors + config.json), so ``UNet2DConditionModel.from_pretrained`` and ``CLIPTextModel.from_pretrained`` read
-them too; :func:`load_pipeline` assembles the pipeline from them (no hub, no network).
+them too; ``manifest.json`` records their sha256 and the VAE's, checked on every load. :func:`load_pipeline`
+assembles the pipeline from them (no hub, no network).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from fastdiff._atomic import atomic_write_bytes
-from fastdiff.errors import ModelNotFound
+from fastdiff._atomic import atomic_write_bytes, sha256_file
+from fastdiff.errors import ModelConfigError, ModelNotFound
 from fastdiff.models.registry import WEIGHTS_DIR
 
 PIPELINE_DIR = WEIGHTS_DIR / "shapes"
@@ -112,7 +113,50 @@ def save_components(unet, text_encoder, out: str | os.PathLike, metadata: dict) 
     atomic_write_bytes(out / "text_encoder" / "config.json", (json.dumps(te_cfg, indent=2) + "\n").encode())
     atomic_write_bytes(out / "scheduler" / "scheduler_config.json",
                        (json.dumps(SCHEDULER_CONFIG, indent=2) + "\n").encode())
+    write_manifest(out)
     return out
+
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "fastdiff.shapes_pipeline"
+#: the weight files a manifest records (their sha256), relative to the pipeline folder
+WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+
+
+def _vae_weights() -> Path:
+    from fastdiff.models.shapes.train_vae import VAE_DIR
+
+    return VAE_DIR / "diffusion_pytorch_model.safetensors"
+
+
+def write_manifest(path: str | os.PathLike) -> Path:
+    """``path/manifest.json``: the sha256 of the UNet's and text encoder's weights and of the VAE they were
+    trained on (a UNet learned one VAE's latent space: another VAE would decode it wrongly)."""
+    path = Path(path)
+    manifest = {"format": MANIFEST_FORMAT, "files": {f: sha256_file(path / f) for f in WEIGHT_FILES},
+                "vae_sha256": sha256_file(_vae_weights())}
+    return atomic_write_bytes(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Check the folder's weights (and the shipped VAE) against its manifest: :class:`ModelNotFound` when a file
+    is missing, damaged or replaced, :class:`ModelConfigError` when the manifest is not one."""
+    path = Path(path)
+    _require(path)
+    hint = "retrain with `python -m fastdiff train shapes` (or reinstall fastdiff for the shipped model)"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelNotFound(f"cannot read the shapes pipeline manifest {path / MANIFEST}: {e}; {hint}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ModelConfigError(f"{path / MANIFEST} is not a shapes pipeline manifest; {hint}")
+    for name, want in dict(manifest.get("files", {})).items():
+        if sha256_file(path / name) != want:
+            raise ModelNotFound(f"{path / name} does not match the sha256 its manifest records: damaged or "
+                                f"replaced; {hint}")
+    if sha256_file(_vae_weights()) != manifest.get("vae_sha256"):
+        raise ModelNotFound(f"the shipped shapes VAE ({_vae_weights()}) is not the one this pipeline was trained "
+                            f"on (sha256 differs): its latents would decode wrongly; {hint}")
 
 
 def _require(path: Path) -> None:
@@ -143,7 +187,7 @@ def load_pipeline(path: str | os.PathLike = PIPELINE_DIR, dtype: torch.dtype = t
     from fastdiff.models.shapes.train_vae import VAE_DIR
 
     path = Path(path)
-    _require(path)
+    verify(path)
     level = diffusers.logging.get_verbosity()
     diffusers.logging.set_verbosity_error()  # "accelerate is not installed": a tip, not a problem
     try:
