@@ -28,12 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  python -m fastdiff.export digits --format onnx --out out/digits\n"
                "  python -m fastdiff.export digits-onestep --format onnx --sampler onestep --out out/student\n"
+               "  python -m fastdiff.export shapes --format onnx --out out/shapes   # text encoder, UNet, VAE "
+               "decoder + manifest\n"
                "  python -m fastdiff.export ./sd15 --format onnx --profile sd15 --precision fp16 --out out/sd15\n"
                "  python -m fastdiff.export out/sd15/model.onnx --format tensorrt --batch 1:2:4 --out out/sd15\n"
                "sizes are in model-input units (latents for latent models): --height 64 is 512 px for SD 1.5")
     p.add_argument("model", nargs="?", help="model name, folder, or .onnx file (tensorrt)")
     p.add_argument("--format", choices=("onnx", "tensorrt", "triton"), default="onnx")
-    p.add_argument("--out", help="output folder (created)")
+    p.add_argument("--out", help="output folder (created; for a text-to-image pipeline default out/NAME-onnx)")
     p.add_argument("--profile", help="export profile name (digits, sd15, sdxl, sd-turbo) or .toml path; default: "
                                      "the model family's, or one derived from the model")
     p.add_argument("--precision", choices=("fp32", "fp16"), help="override the profile's precision")
