@@ -147,6 +147,12 @@ def test_onnx_graphs_in_the_pipeline_loop_give_its_images(exported, pipe):
         assert got.shape == ref.shape == (2, 64, 64, 3) and got.dtype == np.float32
         np.testing.assert_allclose(got, ref, atol=ONNX_PIPELINE_IMG_ATOL, rtol=0)
         assert np.abs(ref[0] - ref[1]).max() > 1e-2  # the prompts (and noises) differ, so do the images
+    negative = ["a blue square", "a green circle at the top"]
+    ref = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=3, guidance_scale=4.0,
+               generator=torch.Generator().manual_seed(4), output_type="np").images
+    got = runner(PROMPTS, negative_prompt=negative, num_inference_steps=3, guidance_scale=4.0,
+                 generator=torch.Generator().manual_seed(4))
+    np.testing.assert_allclose(got, ref, atol=ONNX_PIPELINE_IMG_ATOL, rtol=0)
     with pytest.raises(InvalidInput, match="negative_prompt"):
         runner(PROMPTS, negative_prompt=["x"])
 
@@ -241,3 +247,24 @@ def test_what_counts_as_a_pipeline(tiny_dir, tmp_path):
     with pytest.raises(ModelNotFound, match="not a text-to-image pipeline"):
         export_pipeline_onnx("digits", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_out_defaults_to_out_name_onnx_for_a_pipeline(tiny_dir, monkeypatch, capsys):
+    import fastdiff.export.text_to_image as T
+
+    seen = {}
+
+    class Done:
+        def summary(self):
+            return "done"
+
+    def fake_export(model, out_dir, **kw):
+        seen.update(model=model, out=out_dir, **kw)
+        return Done()
+
+    monkeypatch.setattr(T, "export_pipeline_onnx", fake_export)
+    assert export_main([str(tiny_dir), "--format", "onnx", "--precision", "fp16", "--batch", "1:8"]) == 0
+    assert seen["out"] == f"out/{tiny_dir.name}-onnx" and seen["precision"] == "fp16" and seen["batch"] == "1:8"
+    assert capsys.readouterr().out.strip() == "done"
+    with pytest.raises(SystemExit):  # not a pipeline: --out stays required
+        export_main(["digits", "--format", "onnx"])
