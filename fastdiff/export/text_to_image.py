@@ -110,11 +110,15 @@ def _component_graph(kind: str, module: torch.nn.Module, wrapper: type, source: 
                        dict(ranges or {}))
 
 
+def _io_dtype(profile: ExportProfile) -> str:
+    return "float16" if profile.precision == "fp16" else "float32"
+
+
 def text_encoder_graph(pipe, source: ModelSource, profile: ExportProfile) -> GraphExport:
     te = pipe.text_encoder
     tokens = int(profile.dim("tokens").max)
     width = int(te.config.hidden_size)
-    dt = "float16" if profile.precision == "fp16" else "float32"
+    dt = _io_dtype(profile)
     inputs = [TensorSpec("input_ids", "int64", ("batch", "tokens"))]
     outputs = [TensorSpec("last_hidden_state", dt, ("batch", "tokens", width))]
     vocab = int(te.config.vocab_size)
@@ -129,7 +133,7 @@ def vae_decoder_graph(pipe, source: ModelSource, profile: ExportProfile) -> Grap
     channels = int(vae.config.latent_channels)
     scale = int(pipe.vae_scale_factor)  # 4 for shapes: 16x16 latents -> 64x64 images
     height, width = int(profile.dim("height").max), int(profile.dim("width").max)
-    dt = "float16" if profile.precision == "fp16" else "float32"
+    dt = _io_dtype(profile)
     inputs = [TensorSpec("latents", dt, ("batch", channels, "height", "width"))]
     outputs = [TensorSpec("image", dt, ("batch", int(vae.config.out_channels), height * scale, width * scale))]
     config = {"class": type(vae).__name__, "latent_channels": channels, "scaling_factor":
@@ -211,6 +215,10 @@ def export_pipeline_onnx(model: Any, out_dir: str | os.PathLike, *, profile: str
     if not prof.dim("tokens").static or prof.dim("tokens").max != max_tokens:
         raise InvalidInput(f"the pipeline's tokenizer pads every prompt to {max_tokens} tokens; the profile's tokens "
                            f"range {prof.dim('tokens').describe()} must be exactly {max_tokens}")
+    if not (prof.dim("height").static and prof.dim("width").static):
+        raise InvalidInput(f"the pipeline's graphs are exported at one latent size; profile {prof.name!r} has height "
+                           f"{prof.dim('height').describe()}, width {prof.dim('width').describe()}: make them static "
+                           "(--height N --width N)")
     # in the pipeline's order; the small text encoder first, so a failing setting fails in seconds
     graphs = {"text_encoder": text_encoder_graph(pipe, source, prof), "unet": unet_graph(source, prof),
               "vae_decoder": vae_decoder_graph(pipe, source, prof)}

@@ -19,6 +19,7 @@ from fastdiff._atomic import sha256_file
 from fastdiff.errors import ExportError, InvalidInput, ModelConfigError, ModelNotFound
 from fastdiff.export.__main__ import main as export_main
 from fastdiff.export.onnx import PARITY_TOL
+from fastdiff.export.profiles import available_profiles
 from fastdiff.export.text_to_image import export_pipeline_onnx, is_pipeline_export
 from fastdiff.exported.manifest import MANIFEST_NAME, read_manifest
 from fastdiff.models import load_pipeline
@@ -214,6 +215,9 @@ def test_bad_input_is_one_error_line_and_exit_2(tiny_dir, tmp_path, capsys, monk
     a_file.write_text("x")
     empty = tmp_path / "empty"
     empty.mkdir()
+    dynamic = tmp_path / "dynamic.toml"  # the shapes profile with a height range: the VAE graph needs one size
+    dynamic.write_text(available_profiles()["shapes"].read_text().replace(
+        "height = { min = 16, opt = 16, max = 16 }", "height = { min = 8, opt = 16, max = 32 }"))
     cases = [
         (["no-such-model", "--format", "onnx", "--out", tmp_path / "o1"], "unknown model"),
         ([empty, "--format", "onnx", "--out", tmp_path / "o2"], "holds no model"),  # a folder, not a pipeline
@@ -221,11 +225,12 @@ def test_bad_input_is_one_error_line_and_exit_2(tiny_dir, tmp_path, capsys, monk
         ([tiny_dir, "--format", "onnx", "--out", tmp_path / "o3", "--sampler", "onestep"], "do not apply"),
         ([tiny_dir, "--format", "onnx", "--out", tmp_path / "o4", "--batch", "1:128"], "batch"),  # profile: 1..64
         (["shapes", "--format", "tensorrt", "--out", tmp_path / "o5"], "DIR/unet.onnx"),
+        ([tiny_dir, "--format", "onnx", "--out", tmp_path / "o7", "--profile", dynamic], "one latent size"),
     ]
     for argv, words in cases:
         rc, err = _cli(capsys, *argv)
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], (argv, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty"]  # nothing written anywhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "dynamic.toml", "empty"]  # nothing written
     # the shipped name without its weights: the trainer's hint, not a crash
     monkeypatch.setattr(P, "PIPELINE_DIR", tmp_path / "no_weights")
     rc, err = _cli(capsys, "shapes", "--format", "onnx", "--out", tmp_path / "o6")
