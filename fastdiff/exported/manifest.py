@@ -22,6 +22,7 @@ from typing import Any
 
 from fastdiff._atomic import sha256_file
 from fastdiff.errors import ModelConfigError, ModelNotFound
+from fastdiff.exported.specs import DimRange, TensorSpec
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "fastdiff.onnx_pipeline"
@@ -70,6 +71,15 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict[str, A
         if not isinstance(entry, dict) or entry.get("file") not in listed:
             raise ModelConfigError(f"{path}: component {comp!r} is missing or names a file the manifest does not "
                                    f"list; {hint}")
+        try:  # the signature a runner sizes its inputs from
+            specs = [TensorSpec.from_dict(d) for d in entry["inputs"] + entry["outputs"]]
+            dims = {k: DimRange(k, *v) for k, v in entry["dims"].items()}
+            ok = all(isinstance(d, int) or d in dims for s in specs for d in s.dims)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise ModelConfigError(f"{path}: component {comp!r} has a malformed signature (inputs / outputs / dims); "
+                                   f"{hint}")
     if verify:
         for f in files:
             p = folder / f["name"]

@@ -182,6 +182,11 @@ def test_manifest_verification_refuses_damaged_exports(exported, tmp_path):
     (d / MANIFEST_NAME).write_text(json.dumps(m))
     with pytest.raises(ModelConfigError, match="plain file name"):
         read_manifest(d)
+    m["files"][0]["name"] = "text_encoder.onnx"
+    del m["components"]["unet"]["inputs"][0]["dims"]
+    (d / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(ModelConfigError, match="malformed signature"):
+        read_manifest(d)
     (d / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ModelConfigError, match="cannot read"):
         read_manifest(d)
