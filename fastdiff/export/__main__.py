@@ -5,12 +5,17 @@ student), a diffusers pipeline folder (with ``unet/``) or UNet folder, or - with
 file written by this command. ``--format triton`` writes a Triton Inference Server model repository (the ONNX
 network and a Python-backend sampling model; see fastdiff.export.triton_repository). Exit status: 0 done, 1 export /
 parity failure, 2 bad arguments or model, 3 backend unavailable.
+
+A text-to-image pipeline (``shapes``, or a folder written by ``python -m fastdiff train shapes``) exports, with
+``--format onnx``, its UNet, text encoder and VAE decoder plus a manifest (fastdiff.export.text_to_image); ``--out``
+defaults to ``out/<name>-onnx`` there.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fastdiff.errors import BackendUnavailable, ExportError, FastDiffError, InvalidInput
 
@@ -23,12 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  python -m fastdiff.export digits --format onnx --out out/digits\n"
                "  python -m fastdiff.export digits-onestep --format onnx --sampler onestep --out out/student\n"
+               "  python -m fastdiff.export shapes --format onnx --out out/shapes   # text encoder, UNet, VAE "
+               "decoder + manifest\n"
                "  python -m fastdiff.export ./sd15 --format onnx --profile sd15 --precision fp16 --out out/sd15\n"
                "  python -m fastdiff.export out/sd15/model.onnx --format tensorrt --batch 1:2:4 --out out/sd15\n"
                "sizes are in model-input units (latents for latent models): --height 64 is 512 px for SD 1.5")
     p.add_argument("model", nargs="?", help="model name, folder, or .onnx file (tensorrt)")
     p.add_argument("--format", choices=("onnx", "tensorrt", "triton"), default="onnx")
-    p.add_argument("--out", help="output folder (created)")
+    p.add_argument("--out", help="output folder (created; for a text-to-image pipeline default out/NAME-onnx)")
     p.add_argument("--profile", help="export profile name (digits, sd15, sdxl, sd-turbo) or .toml path; default: "
                                      "the model family's, or one derived from the model")
     p.add_argument("--precision", choices=("fp32", "fp16"), help="override the profile's precision")
@@ -72,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_profiles:
         return _list_profiles()
+    from fastdiff.export.text_to_image import is_pipeline_export
+
+    pipeline = bool(args.model) and is_pipeline_export(args.model)
+    if pipeline and not args.out:
+        args.out = f"out/{Path(args.model).name}-onnx"
     if not args.model or not args.out:
         build_parser().error("MODEL and --out are required")
     from fastdiff.export.api import export_onnx, export_tensorrt
@@ -86,11 +98,23 @@ def main(argv: list[str] | None = None) -> int:
                 raise ExportError(f"{args.model} is already an ONNX file; use --format tensorrt to build an engine")
             from fastdiff.export.coalescer import export_coalescer, is_coalescer
 
-            if is_coalescer(args.model):  # not a UNet: the whole coalescer sampler is one small graph
+            if pipeline:  # its three components and a manifest
+                from fastdiff.export.text_to_image import export_pipeline_onnx
+
+                if args.sampler or args.steps or args.guidance_scale:
+                    raise InvalidInput("a text-to-image pipeline exports its UNet, text encoder and VAE decoder; "
+                                       "--sampler / --steps / --guidance-scale do not apply (drop them)")
+                report = export_pipeline_onnx(args.model, args.out, **{k: v for k, v in common.items() if k not in (
+                    "sampler", "steps", "guidance_scale")})
+            elif is_coalescer(args.model):  # not a UNet: the whole coalescer sampler is one small graph
                 report = export_coalescer(args.model, args.out, steps=args.steps, guidance=args.guidance_scale,
                                           parity=not args.no_parity, tol=args.parity_tol, opset=args.opset)
             else:
                 report = export_onnx(args.model, args.out, **common)
+        elif pipeline and not Path(args.model).is_dir():
+            raise InvalidInput(f"the {args.model!r} pipeline exports with --format onnx (UNet, text encoder, VAE "
+                               "decoder); for a TensorRT engine of its UNet pass the exported file: python -m "
+                               "fastdiff.export DIR/unet.onnx --format tensorrt --out DIR")
         elif args.format == "triton":
             from fastdiff.export.triton_repository import export_triton
 

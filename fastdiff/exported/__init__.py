@@ -9,4 +9,5 @@ other to read a file. Nothing here imports the rest of fastdiff except :mod:`fas
     metadata  the ``fastdiff.*`` metadata of an exported graph (:class:`GraphInfo`) and its label table
     session   onnxruntime sessions over an exported file (:func:`make_session`)
     engine    the TensorRT engine container (``FDTRTENG`` header + plan) and :class:`EngineSession`
+    manifest  the manifest of a text-to-image pipeline export (files + sha256, signatures, parity) and its check
 """
