@@ -74,8 +74,12 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
                                 f"reinstall fastdiff or rebuild them with `{hint}`")
         return d
     p = Path(s).expanduser()
-    if not p.exists():
-        raise _not_found(f"unknown model {s!r}: it is neither an embedded model name nor an existing path")
+    try:
+        exists = p.exists()
+    except OSError:  # e.g. a name longer than the file system allows
+        exists = False
+    if not exists:
+        raise _not_found(f"unknown model {s[:200]!r}: it is neither an embedded model name nor an existing path")
     if p.is_file():
         if p.name in (WEIGHTS_NAME, CONFIG_NAME):
             p = p.parent

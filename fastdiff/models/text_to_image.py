@@ -27,7 +27,10 @@ def is_pipeline_model(model) -> bool:
     if not isinstance(model, (str, os.PathLike)):
         return False
     p = Path(model).expanduser()
-    return (p / "unet" / "config.json").is_file() and (p / "text_encoder").is_dir()
+    try:
+        return (p / "unet" / "config.json").is_file() and (p / "text_encoder").is_dir()
+    except OSError:  # a name longer than the file system allows is no folder
+        return False
 
 
 def load_pipeline(name_or_path: str | os.PathLike = "shapes", device=None, dtype=None):
@@ -42,7 +45,11 @@ def load_pipeline(name_or_path: str | os.PathLike = "shapes", device=None, dtype
                             f"fastdiff.models.load({s!r}); pipelines: {', '.join(map(repr, EMBEDDED_PIPELINES))}")
     else:
         path = Path(s).expanduser()
-        if not path.is_dir():
-            raise ModelNotFound(f"unknown pipeline {s!r}: not an embedded pipeline "
+        try:
+            is_dir = path.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            raise ModelNotFound(f"unknown pipeline {s[:200]!r}: not an embedded pipeline "
                                 f"({', '.join(map(repr, EMBEDDED_PIPELINES))}) nor an existing folder")
     return shapes_pipeline.load_pipeline(path, dtype=dtype or torch.float32, device=device or "cpu")

@@ -114,6 +114,12 @@ def test_bad_prompts_are_invalid_input(tiny_pipe, kwargs, match):
 def test_loading_errors(tmp_path, tiny_dir):
     with pytest.raises(ModelNotFound, match="unknown pipeline"):
         load_pipeline("no-such-pipeline")
+    with pytest.raises(ModelNotFound, match="unknown pipeline"):  # longer than a file name may be: no OSError
+        load_pipeline("x" * 5000)
+    with pytest.raises(ModelNotFound, match="unknown model"):
+        fastdiff.models.load("x" * 5000)
+    with pytest.raises(ModelNotFound, match="unknown model"):
+        fastdiff.Sampler("x" * 5000)
     with pytest.raises(ModelNotFound, match=r"fastdiff.models.load\('digits'\)"):
         load_pipeline("digits")
     with pytest.raises(ModelNotFound, match="load_pipeline"):
