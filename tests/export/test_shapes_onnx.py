@@ -24,12 +24,11 @@ from fastdiff.export.text_to_image import export_pipeline_onnx, is_pipeline_expo
 from fastdiff.exported.manifest import MANIFEST_NAME, read_manifest
 from fastdiff.models import load_pipeline
 from fastdiff.models.shapes import pipeline as P
+from tests.export.tiny_models import tiny_shapes_pipeline
 from tests.tolerances import ONNX_FP32_RTOL, ONNX_PIPELINE_IMG_ATOL, rel_err
 
 ort = pytest.importorskip("onnxruntime")
 
-TINY_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "projection_dim": 16, "max_position_embeddings": 24}
 # one cross-attention block (+ the cross-attention mid block) instead of the shipped three blocks: tracing time grows
 # with the number of graph ops (UNet trace 13 s vs 34 s for the shipped architecture; 1 thread, load average 3)
 TINY_UNET = {**P.UNET_CONFIG, "block_out_channels": [8], "norm_num_groups": 4, "attention_head_dim": 4,
@@ -41,13 +40,7 @@ PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shapes_tiny")
-    unet, te = P.build_unet(1, TINY_UNET), P.build_text_encoder(2, TINY_TEXT)
-    with torch.no_grad():  # a freshly built UNet's output conv is zero: make the output depend on the input
-        for p in unet.conv_out.parameters():
-            p.normal_(0, 0.1)
-    P.save_components(unet, te, d, {"command": "test"})
-    return d
+    return tiny_shapes_pipeline(tmp_path_factory.mktemp("shapes_tiny"), TINY_UNET)
 
 
 @pytest.fixture(scope="module")

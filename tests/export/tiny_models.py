@@ -127,3 +127,21 @@ def tiny_graph(reference=None, **kw):
             "fastdiff.model_config": json.dumps({"in_channels": 1, "out_channels": 1})}
     return GraphExport("tiny", "unet", module, reference or (lambda a: module(*a)), inputs, outputs, dims, "fp32",
                        18, meta, **kw)
+
+
+#: a tiny CLIPTextModel for the shapes pipeline (the shipped tokenizer's 24 positions)
+TINY_SHAPES_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                    "projection_dim": 16, "max_position_embeddings": 24}
+
+
+def tiny_shapes_pipeline(directory, unet_config: dict, text_config: dict | None = None):
+    """Write a randomly initialised shapes pipeline folder (``unet_config``'s UNet, a tiny text encoder, the shipped
+    VAE and tokenizer) with the trainer's own ``save_components``; returns the folder."""
+    from fastdiff.models.shapes import pipeline as P
+
+    unet, te = P.build_unet(1, unet_config), P.build_text_encoder(2, text_config or TINY_SHAPES_TEXT)
+    with torch.no_grad():  # a freshly built UNet's output conv is zero: make the output depend on the input
+        for p in unet.conv_out.parameters():
+            p.normal_(0, 0.1)
+    P.save_components(unet, te, directory, {"command": "test"})
+    return directory

@@ -18,10 +18,9 @@ import fastdiff
 from fastdiff.errors import InvalidInput, ModelNotFound
 from fastdiff.models import load_pipeline
 from fastdiff.models.shapes import pipeline as P
+from tests.export.tiny_models import TINY_SHAPES_TEXT, tiny_shapes_pipeline
 from tests.tolerances import IMG_ATOL
 
-TINY_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "projection_dim": 16, "max_position_embeddings": 24}
 TINY_UNET = {**P.UNET_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 4,
              "cross_attention_dim": 16}
 PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
@@ -29,13 +28,7 @@ PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shapes_tiny")
-    unet, te = P.build_unet(1, TINY_UNET), P.build_text_encoder(2, TINY_TEXT)
-    with torch.no_grad():  # a freshly built UNet's output conv is zero: make the output depend on the input
-        for p in unet.conv_out.parameters():
-            p.normal_(0, 0.1)
-    P.save_components(unet, te, d, {"command": "test"})
-    return d
+    return tiny_shapes_pipeline(tmp_path_factory.mktemp("shapes_tiny"), TINY_UNET)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +163,8 @@ def test_shipped_pipeline_loads_within_the_size_budget():
 def test_training_resumes_bit_for_bit(tmp_path):
     from fastdiff.models.shapes import train_unet
 
-    common = dict(batch_size=3, seed=4, progress=False, log_every=0, unet_config=TINY_UNET, text_config=TINY_TEXT)
+    common = dict(batch_size=3, seed=4, progress=False, log_every=0, unet_config=TINY_UNET,
+                  text_config=TINY_SHAPES_TEXT)
     u_full, t_full, meta = train_unet.train(steps=4, out=tmp_path / "full", save_every=0, **common)
     train_unet.train(steps=2, out=tmp_path / "part", save_every=1, **common)
     u_res, t_res, meta_res = train_unet.train(steps=4, out=tmp_path / "part", resume=True, **common)
