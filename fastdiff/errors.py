@@ -39,6 +39,10 @@ class ExtensionNotBuilt(BackendUnavailable):
     """A compiled fastdiff module (C++ or CUDA) is missing or failed to load."""
 
 
+class MissingDependency(FastDiffError, ImportError):
+    """A package this feature needs is not installed; the message says what to install."""
+
+
 class NonFiniteError(FastDiffError, RuntimeError):
     """The sampling loop produced NaN or Inf values."""
 

@@ -123,6 +123,14 @@ def test_loading_errors(tmp_path, tiny_dir):
         load_pipeline(tmp_path)
 
 
+def test_missing_transformers_is_a_clear_error(tiny_dir, monkeypatch):
+    from fastdiff.errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(MissingDependency, match="pip install 'transformers"):
+        load_pipeline(tiny_dir)
+
+
 def test_damaged_or_replaced_weights_are_refused(tmp_path, tiny_dir):
     import shutil
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fastdiff._atomic import atomic_write_bytes, sha256_file
-from fastdiff.errors import ModelConfigError, ModelNotFound
+from fastdiff.errors import MissingDependency, ModelConfigError, ModelNotFound
 from fastdiff.models.registry import WEIGHTS_DIR
 
 PIPELINE_DIR = WEIGHTS_DIR / "shapes"
@@ -179,9 +179,13 @@ def load_pipeline(path: str | os.PathLike = PIPELINE_DIR, dtype: torch.dtype = t
     """The ``shapes`` model as a ``diffusers.StableDiffusionPipeline`` (no safety checker, no download), its
     modules in ``dtype`` on ``device``: the shipped VAE and tokenizer with the UNet and text encoder of ``path``
     (default: the shipped ones)."""
+    try:  # first: diffusers' pipeline classes import it too, with a less helpful error
+        from transformers import CLIPTextModel
+    except ImportError as e:  # a dependency of fastdiff; missing only after an install with --no-deps
+        raise MissingDependency("the shapes pipeline needs transformers (its CLIP tokenizer and text encoder): "
+                                 "pip install 'transformers>=4.40'") from e
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     from fastdiff.models.shapes.tokenizer import load_tokenizer
     from fastdiff.models.shapes.train_vae import VAE_DIR
