@@ -180,26 +180,37 @@ def load_pipeline(path: str | os.PathLike = PIPELINE_DIR, dtype: torch.dtype = t
     modules in ``dtype`` on ``device``: the shipped VAE and tokenizer with the UNet and text encoder of ``path``
     (default: the shipped ones)."""
     try:  # first: diffusers' pipeline classes import it too, with a less helpful error
-        from transformers import CLIPTextModel
+        import transformers
     except ImportError as e:  # a dependency of fastdiff; missing only after an install with --no-deps
         raise MissingDependency("the shapes pipeline needs transformers (its CLIP tokenizer and text encoder): "
-                                 "pip install 'transformers>=4.40'") from e
+                                "pip install 'transformers>=4.40'") from e
     import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     from fastdiff.models.shapes.tokenizer import load_tokenizer
     from fastdiff.models.shapes.train_vae import VAE_DIR
 
     path = Path(path)
     verify(path)
-    level = diffusers.logging.get_verbosity()
-    diffusers.logging.set_verbosity_error()  # "accelerate is not installed": a tip, not a problem
+    # quiet while loading, then as the user had it: diffusers' "accelerate is not installed" and transformers'
+    # "CLIPImageProcessor requires torchvision" are tips about features this pipeline does not use, and the
+    # 36-tensor "Loading weights" bar is noise next to fastdiff's own progress
+    levels = diffusers.logging.get_verbosity(), transformers.logging.get_verbosity()
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    diffusers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
+        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
         vae = AutoencoderKL.from_pretrained(VAE_DIR, torch_dtype=dtype, local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, local_files_only=True)
     finally:
-        diffusers.logging.set_verbosity(level)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, local_files_only=True)
+        diffusers.logging.set_verbosity(levels[0])
+        transformers.logging.set_verbosity(levels[1])
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
     scheduler_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
                                    scheduler=make_scheduler(scheduler_cfg), safety_checker=None,
