@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 
-from fastdiff.errors import InvalidInput
+from fastdiff.errors import InvalidInput, ModelConfigError, ModelNotFound
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -61,6 +62,32 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_format_json(path: str | os.PathLike, fmt: str, what: str, hint: str) -> dict:
+    """The JSON object in ``path`` whose ``"format"`` is ``fmt`` (a shipped artifact's config or manifest):
+    :class:`ModelNotFound` when it cannot be read, :class:`ModelConfigError` when it is not one; ``what`` names it
+    in the messages ("shapes judge config"), ``hint`` says how to get a good one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelNotFound(f"cannot read the {what} {path}: {e}; {hint}") from e
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ModelConfigError(f"{path} is not a {what} (format {fmt!r}); {hint}")
+    return data
+
+
+def check_recorded_sha256(path: str | os.PathLike, recorded, what: str, hint: str) -> None:
+    """:class:`ModelNotFound` unless the file ``path`` exists and its sha256 is ``recorded`` (what its config
+    says); ``what`` names it in the messages ("shapes judge weights")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFound(f"the {what} {path} are missing; {hint}")
+    have = sha256_file(path)
+    if have != recorded:
+        raise ModelNotFound(f"the {what} {path} have sha256 {have[:16]}..., not the recorded "
+                            f"{str(recorded)[:16]}...: damaged or replaced; {hint}")
 
 
 def _probe(folder: Path) -> str | None:

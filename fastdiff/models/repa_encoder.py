@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff._atomic import atomic_write_bytes, check_writable, sha256_file
+from fastdiff._atomic import atomic_write_bytes, check_recorded_sha256, check_writable, read_format_json, sha256_file
 from fastdiff._checks import cli_int, cli_number
-from fastdiff.errors import ModelConfigError, ModelNotFound
+from fastdiff.errors import ModelConfigError
 from fastdiff.models import digits
 from fastdiff.models.registry import WEIGHTS_DIR
 
@@ -147,18 +147,8 @@ def load(directory: str | os.PathLike | None = None) -> RepaEncoder:
 
     d = Path(directory) if directory is not None else ENCODER_DIR
     hint = "retrain it with `python -m fastdiff train digits-repa-encoder`"
-    try:
-        cfg = json.loads((d / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as e:
-        raise ModelNotFound(f"cannot read the REPA encoder config {d / CONFIG_NAME}: {e}; {hint}") from e
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise ModelConfigError(f"{d / CONFIG_NAME} is not a REPA encoder config (format {FORMAT!r}); {hint}")
-    if not (d / WEIGHTS_NAME).is_file():
-        raise ModelNotFound(f"the REPA encoder weights {d / WEIGHTS_NAME} are missing; {hint}")
-    have = sha256_file(d / WEIGHTS_NAME)
-    if have != cfg.get("sha256"):
-        raise ModelNotFound(f"the REPA encoder weights {d / WEIGHTS_NAME} have sha256 {have[:16]}..., not the "
-                            f"recorded {str(cfg.get('sha256'))[:16]}...: damaged or replaced; {hint}")
+    cfg = read_format_json(d / CONFIG_NAME, FORMAT, "REPA encoder config", hint)
+    check_recorded_sha256(d / WEIGHTS_NAME, cfg.get("sha256"), "REPA encoder weights", hint)
     try:
         model = RepaEncoder(int(cfg["width"]), int(cfg["dim"]))
         model.load_state_dict({k: v.float() for k, v in load_file(str(d / WEIGHTS_NAME)).items()})

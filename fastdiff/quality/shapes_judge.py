@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff._atomic import atomic_write_bytes, sha256_file
-from fastdiff.errors import InvalidInput, ModelConfigError, ModelNotFound
+from fastdiff._atomic import atomic_write_bytes, check_recorded_sha256, read_format_json, sha256_file
+from fastdiff.errors import InvalidInput, ModelConfigError
 from fastdiff.models.registry import WEIGHTS_DIR
 from fastdiff.models.shapes import render
 from fastdiff.models.shapes.captions import caption, parse_caption
@@ -299,18 +299,8 @@ def load(directory: str | os.PathLike = JUDGE_DIR) -> ShapesDetector:
 
     d = Path(directory)
     hint = "retrain it with `python -m fastdiff train shapes-judge`"
-    try:
-        cfg = json.loads((d / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as e:
-        raise ModelNotFound(f"cannot read the shapes judge config {d / CONFIG_NAME}: {e}; {hint}") from e
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise ModelConfigError(f"{d / CONFIG_NAME} is not a shapes judge config (format {FORMAT!r}); {hint}")
-    if not (d / WEIGHTS_NAME).is_file():
-        raise ModelNotFound(f"the shapes judge weights {d / WEIGHTS_NAME} are missing; {hint}")
-    have = sha256_file(d / WEIGHTS_NAME)
-    if have != cfg.get("sha256"):
-        raise ModelNotFound(f"the shapes judge weights {d / WEIGHTS_NAME} have sha256 {have[:16]}..., not the "
-                            f"recorded {str(cfg.get('sha256'))[:16]}...: damaged or replaced; {hint}")
+    cfg = read_format_json(d / CONFIG_NAME, FORMAT, "shapes judge config", hint)
+    check_recorded_sha256(d / WEIGHTS_NAME, cfg.get("sha256"), "shapes judge weights", hint)
     try:
         model = ShapesDetector(tuple(cfg["widths"]), tuple(cfg["strides"]))
         model.load_state_dict({k: (v.float() if v.is_floating_point() else v)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from fastdiff._atomic import atomic_write_bytes, sha256_file
-from fastdiff.errors import MissingDependency, ModelConfigError, ModelNotFound
+from fastdiff._atomic import atomic_write_bytes, read_format_json, sha256_file
+from fastdiff.errors import MissingDependency, ModelNotFound
 from fastdiff.models.registry import WEIGHTS_DIR
 
 PIPELINE_DIR = WEIGHTS_DIR / "shapes"
@@ -144,12 +144,7 @@ def verify(path: str | os.PathLike) -> None:
     path = Path(path)
     _require(path)
     hint = "retrain with `python -m fastdiff train shapes` (or reinstall fastdiff for the shipped model)"
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise ModelNotFound(f"cannot read the shapes pipeline manifest {path / MANIFEST}: {e}; {hint}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ModelConfigError(f"{path / MANIFEST} is not a shapes pipeline manifest; {hint}")
+    manifest = read_format_json(path / MANIFEST, MANIFEST_FORMAT, "shapes pipeline manifest", hint)
     for name, want in dict(manifest.get("files", {})).items():
         if sha256_file(path / name) != want:
             raise ModelNotFound(f"{path / name} does not match the sha256 its manifest records: damaged or "
