@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (see the device tool's README): install the carried wheels (.whl/: diffusers,
 # importlib_metadata), build fastdiff with its CUDA module, run the GPU tests and the GPU benchmarks, and leave
 # logs + result tables in one archive, $OUT/gpu_run-<parts>.tar.gz (the device returns at most 8 files).
-# Usage: bash benches/gpu_run.sh [tests|step|model|pipeline|all]...   (one call per part fits the 10-minute limit;
+# Usage: bash benches/gpu_run.sh [tests|sanitize|step|model|pipeline|all]...   (one call per part fits the 10-minute limit;
 # see benches/NOTES.md, "A GPU session, planned")
 set -uo pipefail
 
@@ -81,6 +81,15 @@ for what in "${@:-all}"; do
                 --benchmark-json="$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log" | tail -60 ;;&
     model|all) [ -f benches/bench_model.py ] && limited python3 -m pytest -q -p no:cacheprovider benches/bench_model.py \
                 --benchmark-only 2>&1 | tee "$OUT/bench_model.log" | tail -40 ;;&
+    sanitize|all) if ! command -v compute-sanitizer >/dev/null 2>&1; then
+                  echo "compute-sanitizer is not on PATH: sanitize part skipped" | tee "$OUT/sanitize.log"
+                else
+                  for tool in memcheck racecheck; do
+                    limited compute-sanitizer --tool "$tool" --error-exitcode 1 python3 benches/gpu_sanitize.py \
+                      2>&1 | tail -40 | tee -a "$OUT/sanitize.log"
+                    echo "$tool: exit ${PIPESTATUS[0]}" | tee -a "$OUT/sanitize.log"
+                  done
+                fi ;;&
     pipeline|all) [ -f benches/bench_pipeline.py ] && limited python3 -m pytest -q -p no:cacheprovider \
                 benches/bench_pipeline.py --benchmark-only 2>&1 | tee "$OUT/bench_pipeline.log" | tail -30 ;;&
     *) ;;

@@ -257,8 +257,20 @@ def assert_close_nan(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     assert_close(torch.where(nan_a, zero, a), torch.where(nan_e, zero, e), dtype=dtype, msg=msg)
 
 
-def check_case(case: StepCase, backend: str, device="cpu") -> None:
-    """Run ``case`` with ``backend`` on ``device`` and with the torch reference; compare every output."""
+def assert_equal_nan(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """Bit for bit (NaN meets NaN; -0.0 equals 0.0); says how many elements differ and by how much."""
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    same = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    if not bool(same.all()):
+        diff = (a.double() - e.double()).abs().nan_to_num(float("inf"))
+        where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(f"{msg}: {int((~same).sum())} of {same.numel()} elements differ, by up to "
+                             f"{diff.max().item():.3g} (at {where}: {a[where].item()!r} vs {e[where].item()!r})")
+
+
+def check_case(case: StepCase, backend: str, device="cpu", exact: bool = False) -> None:
+    """Run ``case`` with ``backend`` on ``device`` and with the torch reference; compare every output (within the
+    tolerance table, or bit for bit with ``exact``)."""
     base = make_inputs(case, device)
     results = {}
     for name in ("torch", backend):
@@ -270,7 +282,10 @@ def check_case(case: StepCase, backend: str, device="cpu") -> None:
     for k in ("out", "next_in", "hist", "saved"):
         if ref[k] is not None:
             assert got[k].dtype == case.dtype
-            assert_close_nan(got[k], ref[k], case.dtype, msg=f"{case} [{backend} vs torch] {k}")
+            if exact:
+                assert_equal_nan(got[k], ref[k], msg=f"{case} [{backend} vs torch] {k}")
+            else:
+                assert_close_nan(got[k], ref[k], case.dtype, msg=f"{case} [{backend} vs torch] {k}")
     if case.flag:
         assert torch.equal(got["flag"].cpu(), ref["flag"].cpu()), (
             f"{case}: flag {got['flag'].tolist()} != reference {ref['flag'].tolist()}")

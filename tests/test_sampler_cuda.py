@@ -90,7 +90,13 @@ def test_backends_agree_on_gpu(unet, backend):
               output_type="latent", progress=False)
     ref = fastdiff.sample(unet, scheduler="unipc", backend="torch", **kw)
     ours = fastdiff.sample(unet, scheduler="unipc", backend=backend, **kw)
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    if backend == "triton":
+        # The reference's operations in its order (tests/kernels/test_step_triton.py::test_bit_for_bit): the same
+        # bits. Anything less is amplified here: TF32 convolutions turn a one-ulp change of the UNet's input into
+        # a 1e-3 one, and a one-ulp step difference once ended this loop 0.099 away.
+        assert torch.equal(ours, ref), f"max diff {(ours - ref).abs().max().item()}"
+    else:
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", step_backends())

@@ -50,6 +50,8 @@ _STEP = tl.constexpr(int(Col.STEP))
 _HIST_SLOTS = tl.constexpr(HIST_SLOTS)
 
 CLAMP_NONE, CLAMP_CLIP, CLAMP_THRESHOLD = 0, 1, 2
+# FMA contraction (the launcher's enable_fp_fusion): off, for a step that is the reference's bit for bit (_launch).
+FP_FUSION = False
 
 
 # flag_len is only a bound check: specializing on it (== 1, % 16) would just compile more variants.
@@ -99,7 +101,10 @@ def _fused_step_kernel(  # no calls to jit functions in here: see twin.py
         s = tl.load(x0_limit_ptr + b, mask=mask, other=1.0)
         x0 = tl.where(x0 > s, s, x0)
         x0 = tl.where(x0 < -s, -s, x0)
-        x0 = x0 / s
+        # Correctly rounded, as torch divides. Triton's `/` on fp32 is div.full.f32 (about 2 ulp) on NVIDIA GPUs, and
+        # on an H200 with Triton 3.6 tl.fdiv(..., ieee_rounding=True) also missed torch's quotient in 28 % of 1M
+        # random fp32 pairs; div_rn matched it in all (measured 2026-11-26).
+        x0 = tl.math.div_rn(x0, s)
 
     # x, m and x0 are always read, so their terms are plain products (0 * NaN = NaN, as in the reference). The
     # optional inputs below are read only when a coefficient that uses them is nonzero: a uniform scalar branch.
@@ -112,10 +117,11 @@ def _fused_step_kernel(  # no calls to jit functions in here: see twin.py
         c_os = tl.load(coef_ptr + _OS)
         c_ss = tl.load(coef_ptr + _SS)
         new_saved = tl.load(coef_ptr + _SX) * x + tl.load(coef_ptr + _SM) * m + tl.load(coef_ptr + _S0) * x0
+        saved_term = tl.full([BLOCK], 0.0, tl.float32)  # c_os * saved, added to prev after the history terms (below)
         if (c_os != 0) | (c_ss != 0):
             sv = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if c_os != 0:
-                prev += c_os * sv
+                saved_term = c_os * sv
             if c_ss != 0:
                 new_saved += c_ss * sv
     if HAS_HIST:
@@ -132,6 +138,13 @@ def _fused_step_kernel(  # no calls to jit functions in here: see twin.py
                 if HAS_SAVED:
                     if c_sh != 0:
                         new_saved += c_sh * h
+    if HAS_SAVED:
+        # The terms are summed in the reference's order (noise, history, saved), and FMA contraction is off (see
+        # _launch): the step is then the reference's bit for bit. Summed in another order, a one-ulp difference grew
+        # over a 10-step UniPC loop (random UNet, CFG 4) to 1.5e-4 on CPU, and to 0.099 on an H200, whose TF32
+        # convolutions turn a one-ulp change of their input into a change at the 1e-3 level. Adding the zero of an
+        # unused term is what the reference does too (its _term is 0 there).
+        prev += saved_term
 
     # All reads of this element are done: now the writes (out may alias x; saved and hist are updated in place).
     # Each lane writes only the offsets it read, so in-place updates need no barrier.
@@ -198,8 +211,10 @@ def _launch(model_out, x, coef, out, guidance_scale, cfg, hist, saved, noise, ne
         HAS_NEXT=next_in is not None, HAS_MSCALE=m_scale is not None, CLAMP=clamp, HAS_FLAG=flag is not None,
         WIDE=wide, BLOCK=block,
     )
-    # FMA contraction on, explicitly: Triton 3.9 warns when it is left to the default, which 3.10 flips to off.
-    options = dict(num_warps=num_warps, enable_fp_fusion=True)
+    # FMA contraction off, as the C++ / CUDA builds compile (-ffp-contract=off / --fmad=false): with it, a * b + c
+    # rounds once where the reference rounds twice, and the step is no longer the reference's bit for bit (costs
+    # nothing measurable here: the kernel is bandwidth-bound). Explicit, since Triton 3.9 warns on the default.
+    options = dict(num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     kernel = _fused_step_kernel.kernel()  # the flavour TRITON_INTERPRET asks for now
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         # Triton launches on the current device and its current stream: make that x's device.

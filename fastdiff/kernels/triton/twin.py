@@ -68,12 +68,13 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def compile_offline(kernel: Twin, arch: int, types: dict[str, str], constexprs: dict, num_warps: int = 4,
-                    num_stages: int = 3, aligned: tuple[str, ...] = ()):
+                    num_stages: int = 3, aligned: tuple[str, ...] = (), fp_fusion: bool = True):
     """Compile ``kernel`` for NVIDIA sm_<arch> without a GPU (Triton ships LLVM and ptxas).
 
     ``types``: the Triton type of every runtime argument ("*fp16", "i32", "fp32", ...); ``constexprs``: the values
     of the constexpr arguments; ``aligned``: arguments that get the 16-divisibility hint a real launch gives
-    aligned pointers and sizes divisible by 16. Returns the compiled kernel (``.asm["ptx"]``, ``.n_regs``,
+    aligned pointers and sizes divisible by 16; ``fp_fusion``: FMA contraction, as the kernel's launcher sets it.
+    Returns the compiled kernel (``.asm["ptx"]``, ``.n_regs``,
     ``.n_spills``, ``.metadata.shared``): a compile check for CPU-only CI, and register / shared-memory numbers to
     read before benchmarking."""
     from triton.backends.compiler import GPUTarget
@@ -90,7 +91,7 @@ def compile_offline(kernel: Twin, arch: int, types: dict[str, str], constexprs: 
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, cexpr, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
+                          options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fp_fusion})
 
 
 def triton_type(dtype: torch.dtype) -> str:
