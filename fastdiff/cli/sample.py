@@ -1,13 +1,15 @@
-"""``python -m fastdiff sample``: draw digits with an embedded (or any label-conditioned) model, or pictures of
-prompts with the embedded text-to-image ``shapes`` pipeline, and write a PNG grid.
+"""``python -m fastdiff sample``: draw pictures of prompts with the embedded text-to-image ``shapes`` pipeline (the
+default), or digits with an embedded (or any label-conditioned) model, and write a PNG grid.
 
-Defaults: the ``digits`` model with its own sampler settings (DPM-Solver++ 20 steps, CFG 1.5), every digit, seed 0.
-Image ``j`` of label ``k`` starts from noise seeded by ``(stream_seed(seed, "sample"), k * 10000 + j)``, so a
-digit's picture does not depend on which other labels were asked for, and the same seed gives the same PNG.
+Defaults: the ``shapes`` model with its own sampler settings (DPM-Solver++ 20 steps, CFG 5), five example prompts,
+two images each, seed 0, into ``shapes.png``. ``--prompt "a red circle left of a blue square" [--prompt ...]``: one
+column per prompt (the prompt written above it), ``--num-per-prompt`` rows; image ``j`` of the ``i``-th prompt
+starts from noise seeded by ``(stream_seed(seed, "sample"), i * 10000 + j)``, so a prompt's pictures do not depend
+on the other prompts, and the same seed gives the same PNG.
 
-``--model shapes --prompt "a red circle left of a blue square" [--prompt ...]``: one column per prompt (the prompt
-written above it), ``--num-per-prompt`` rows; image ``j`` of the ``i``-th prompt starts from the noise of index
-``i * 10000 + j`` in the same stream (the model's own 20 steps and CFG unless ``--steps`` / ``--guidance``).
+``--model digits`` (also implied by ``--labels`` / ``--num-per-label``): the digits teacher (DPM-Solver++ 20 steps,
+CFG 1.5), every digit, into ``digits.png``; image ``j`` of label ``k`` starts from the noise of index
+``k * 10000 + j`` in the same stream.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from fastdiff.sample_inputs import preview
 
 DEFAULT_OUTPUT = "digits.png"
 DEFAULT_PROMPT_OUTPUT = "shapes.png"
+#: the model ``sample`` draws without ``--model`` (``DIGITS_MODEL`` when a digits-only option is given)
+DEFAULT_MODEL = "shapes"
+DIGITS_MODEL = "digits"
 #: the prompts drawn by ``sample --model shapes`` without ``--prompt``
 DEFAULT_PROMPTS = ("a red circle", "a blue square on the left", "a yellow triangle at the top",
                    "a red circle left of a blue square", "a green square above a magenta circle")
@@ -91,12 +96,13 @@ def label_grid(images: list, labels: list[int], rows: int, cell: int = 64, title
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``sample`` subcommand."""
-    p = subparsers.add_parser("sample", help="draw digits with the embedded model and write a labelled PNG grid",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="digits", help="embedded model name (digits, digits-onestep, digits-coalescer, "
-                   "shapes: text to image) or model dir")
+    p = subparsers.add_parser("sample", help="draw pictures of prompts (or digits) with an embedded model into a PNG "
+                              "grid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="embedded model name (shapes: text to image, the default; digits, "
+                   "digits-onestep, digits-coalescer: labels, the default when --labels / --num-per-label are "
+                   "given) or model dir")
     p.add_argument("--labels", default=None, help="digits to draw, e.g. 0-9 (default), 3,1,4")
-    p.add_argument("--num-per-label", type=cli_int(1), default=1, help="images per digit (grid rows)")
+    p.add_argument("--num-per-label", type=cli_int(1), default=None, help="images per digit (grid rows; default 1)")
     p.add_argument("--prompt", action="append", default=None,
                    help="with --model shapes: a prompt to draw (repeat for more columns; default: five examples)")
     p.add_argument("--negative-prompt", default=None, help="with --model shapes: the negative prompt of every image")
@@ -200,11 +206,12 @@ def draw_prompts(pipe, prompts: list[str], num_per_prompt: int = 2, seed: int = 
 def _run_prompts(args: argparse.Namespace, out: Path) -> int:
     from fastdiff.models import load_pipeline
 
-    if args.labels is not None or args.num_per_label != 1:
-        raise InvalidInput("--labels / --num-per-label are for the digits models; --model shapes takes --prompt "
-                           "and --num-per-prompt")
+    if args.labels is not None or args.num_per_label is not None:
+        raise InvalidInput(f"--labels / --num-per-label are for the digits models; --model {args.model} takes "
+                           "--prompt and --num-per-prompt")
     if args.compile:
-        raise InvalidInput("--compile is not supported for text-to-image pipelines yet")
+        raise InvalidInput(f"--compile is not supported for text-to-image pipelines ({args.model}) yet; it is for "
+                           "the digits models (--model digits)")
     prompts = list(args.prompt or DEFAULT_PROMPTS)
     for p in prompts:
         if len(p) > 1000:
@@ -225,6 +232,9 @@ def run(args: argparse.Namespace) -> int:
     """Sample and write the grid; returns the exit status."""
     from fastdiff.models import is_pipeline_model, load
 
+    if args.model is None:
+        digits_only = args.labels is not None or args.num_per_label is not None
+        args.model = DIGITS_MODEL if digits_only else DEFAULT_MODEL
     text_to_image = is_pipeline_model(args.model)
     if args.prompt and not text_to_image:
         raise InvalidInput(f"--prompt needs a text-to-image model (--model shapes); {args.model!r} draws labels")
@@ -238,11 +248,12 @@ def run(args: argparse.Namespace) -> int:
         return _run_prompts(args, out)
     model = load(args.model, device=resolve_device(args.device))
     labels = parse_labels(args.labels, model.num_classes)
-    images, sampler, steps, g = draw(model, labels, args.num_per_label, args.seed, args.scheduler, args.steps,
+    num_per_label = args.num_per_label or 1
+    images, sampler, steps, g = draw(model, labels, num_per_label, args.seed, args.scheduler, args.steps,
                                      args.guidance, args.backend, progress=not args.no_progress,
                                      compile=args.compile)
     title = f"{model.name}: {getattr(sampler.scheduler, 'name', '?')} {steps} steps, CFG {g:g}, seed {args.seed}"
-    save_image(label_grid(images, labels, args.num_per_label, cell=args.cell or 64, title=title), out)
+    save_image(label_grid(images, labels, num_per_label, cell=args.cell or 64, title=title), out)
     print(f"wrote {out} ({len(images)} images; {title})")
     if args.compile:
         print(f"compile time {sampler.compile_seconds:.1f} s (included in the run, not in later calls)")

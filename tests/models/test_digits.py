@@ -124,7 +124,7 @@ def test_onestep_student_samples_in_one_call():
 @needs_student
 def test_cli_sample_writes_deterministic_grid(tmp_path, capsys):
     a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
-    base = ["sample", "--steps", str(STEPS), "--no-progress", "--cell", "24"]
+    base = ["sample", "--model", "digits", "--steps", str(STEPS), "--no-progress", "--cell", "24"]
     assert cli([*base, "-o", str(a)]) == 0
     assert cli([*base, "-o", str(b)]) == 0
     assert cli([*base, "-o", str(c), "--seed", "1"]) == 0

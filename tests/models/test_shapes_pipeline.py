@@ -211,10 +211,28 @@ def test_sample_cli_writes_a_prompt_grid(tmp_path, tiny_dir):
     assert r.returncode == 0, r.stderr
     im = Image.open(tmp_path / "grid.png")
     assert im.mode == "RGB" and im.width > 2 * 128 and im.height > 2 * 128
-    r = _cli("sample", "--prompt", "a red circle", cwd=tmp_path)  # digits takes no prompt
+    r = _cli("sample", "--model", "digits", "--prompt", "a red circle", cwd=tmp_path)  # digits takes no prompt
     assert r.returncode == 2 and "text-to-image" in r.stderr
     r = _cli("sample", "--model", str(tiny_dir), "--labels", "3", cwd=tmp_path)
     assert r.returncode == 2 and "--prompt" in r.stderr
+
+
+def test_sample_defaults_to_the_shapes_model(tmp_path, capsys, monkeypatch):
+    """`python -m fastdiff sample` (the README's main job) draws the shipped shapes pipeline into shapes.png; a
+    digits-only option (--labels / --num-per-label) picks the digits model instead."""
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--steps", "2", "--no-progress"]) == 0
+    assert "shapes: " in capsys.readouterr().out
+    im = Image.open(tmp_path / "shapes.png")
+    assert im.mode == "RGB" and im.width >= 5 * 128  # five example prompts, one column each
+    assert main(["sample", "--labels", "3", "--steps", "1", "--no-progress"]) == 0
+    assert "digits: " in capsys.readouterr().out and (tmp_path / "digits.png").exists()
+    assert main(["sample", "--compile", "--no-progress"]) == 2
+    assert "--model digits" in capsys.readouterr().err
 
 
 def test_eval_scores_images_against_their_prompts(tiny_pipe):
