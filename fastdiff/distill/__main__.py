@@ -72,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--target-decay", type=cli_number(0.0, 1.0), default=d.target_decay)
     c.add_argument("--huber-c", type=cli_number(minimum=0.0), default=d.huber_c)
     c.add_argument("--cond-dim", type=cli_int(4), default=d.cond_dim, help="guidance embedding width")
+    c.add_argument("--target", choices=("bootstrap", "trajectory"), default=d.target,
+                   help="bootstrap: LCM's self-consistency target; trajectory: regress points of teacher trajectories "
+                   "(solved ahead of training, kept in --out) onto their ends")
+    c.add_argument("--num-trajectories", type=cli_int(1), default=d.num_trajectories,
+                   help="teacher trajectories for --target trajectory")
     c.add_argument("--checkpoint-every", type=cli_int(0), default=d.checkpoint_every)
     c.add_argument("--log-every", type=cli_int(0), default=d.log_every)
     c.add_argument("--threads", type=cli_int(1), default=None)
@@ -108,8 +113,8 @@ def run(a: argparse.Namespace) -> int:
             spec = ConsistencySpec(
                 teacher=a.teacher, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, seed=a.seed,
                 guidance_min=a.guidance_min, guidance_max=a.guidance_max, grid_steps=a.grid_steps,
-                target_decay=a.target_decay, huber_c=a.huber_c, cond_dim=a.cond_dim,
-                checkpoint_every=a.checkpoint_every, log_every=a.log_every)
+                target_decay=a.target_decay, huber_c=a.huber_c, cond_dim=a.cond_dim, target=a.target,
+                num_trajectories=a.num_trajectories, checkpoint_every=a.checkpoint_every, log_every=a.log_every)
             train_consistency(spec, a.out, progress=not a.no_progress, name=a.name)
         else:
             from fastdiff._atomic import check_writable

@@ -20,6 +20,17 @@ with the consistency-model boundary parametrisation ``f(x, t) = c_skip(t) x + c_
 ``c_skip = 1`` and ``c_out = 0`` exactly, so ``f(x, 0) = x`` whatever the network says. These are the numbers
 fastdiff's (and diffusers') ``lcm`` scheduler uses, so the saved student samples with it in 1..N steps.
 
+``target="trajectory"`` learns the same function from the other side: the teacher's guided ODE is solved once,
+ahead of training, from ``num_trajectories`` noises (DDIM on the same grid, per-trajectory label and guidance
+scale), and the student regresses every recorded point of a trajectory onto its end (mean squared error)::
+
+    x_{t_N-1} = noise,  x_{t_n-1} = DDIM(x_{t_n}),  end = x0 at the last grid point    (teacher, no gradient)
+    loss      = mean((f_student(x_{t_n}, t_n, g) - end)^2),   (trajectory, n) drawn uniformly
+
+This is the consistency function's definition used directly (as the one-step triplet student does at t = T - 1
+only), with no bootstrapped target: on the digits model the bootstrapped objective plateaued (FD 47 at 4 steps),
+see the README's fast-models section for both.
+
 Training is seeded (one generator drives data order, timesteps, guidance and noise), shows a progress bar and
 writes ``checkpoint.pt`` into ``out`` every ``checkpoint_every`` steps (student, target, optimiser, generator
 state, data order); the same command resumes from it and continues bit for bit (the learning rate is constant
@@ -56,6 +67,10 @@ TIMESTEP_SCALING = 10.0
 #: stop improving after a few steps (the per-step re-noising adds back what the extra steps would refine); 8 is
 #: the most this project measured (see docs/notes/consistency.md), so asking for more is refused, not guessed.
 MAX_INFERENCE_STEPS = 8
+#: the two training targets: LCM's bootstrapped self-consistency, or regression onto precomputed teacher trajectories
+TARGETS = ("bootstrap", "trajectory")
+TRAJECTORIES = "trajectories.pt"
+TRAJECTORIES_FORMAT = "fastdiff.distill.trajectories"
 #: settings a resumed run may change: how long it runs and how often it saves or prints.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
 
@@ -79,11 +94,15 @@ class ConsistencySpec:
     target_decay: float = 0.95  # EMA of the target network (LCM's mu)
     huber_c: float = 0.001
     cond_dim: int = 32  # width of the guidance embedding (time_cond_proj_dim)
+    target: str = "bootstrap"  # TARGETS
+    num_trajectories: int = 4096  # teacher trajectories solved ahead of training (target "trajectory")
     checkpoint_every: int = 100
     log_every: int = 100
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "grid_steps", "cond_dim"):
+        if self.target not in TARGETS:
+            raise InvalidInput(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        for name in ("steps", "batch_size", "grid_steps", "cond_dim", "num_trajectories"):
             check_int(name, getattr(self, name), 1)
         for name in ("warmup", "checkpoint_every", "log_every"):
             check_int(name, getattr(self, name), 0)
@@ -161,6 +180,85 @@ def consistency_targets(teacher, target, x_t, t, labels, guidance, abar, skip: i
     x_prev = teacher_ddim_step(teacher, x_t, t, t_prev, labels, guidance, abar, prediction_type)
     w_emb = guidance_scale_embedding(guidance - 1.0, cond_dim)
     return consistency_fn(target, x_prev, t_prev, labels, w_emb, abar, prediction_type)
+
+
+@torch.no_grad()
+def teacher_trajectories(teacher, noise: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor,
+                         grid: torch.Tensor, abar: torch.Tensor, prediction_type: str, batch_size: int = 256,
+                         progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve the teacher's guided ODE with DDIM (eta 0) down the grid from each noise (taken as the sample at the
+    top grid point): ``(points (B, N, *S), ends (B, *S))``, ``points[:, n]`` the sample at ``grid[n]`` and ``ends``
+    the x0 predicted at ``grid[0]`` -- what a diffusers DDIMScheduler with trailing spacing, ``set_alpha_to_one``
+    and N steps returns."""
+    from tqdm.auto import tqdm
+
+    b, n = noise.shape[0], grid.numel()
+    points = torch.empty((b, n, *noise.shape[1:]), dtype=torch.float32)
+    ends = torch.empty_like(noise, dtype=torch.float32)
+    for lo in tqdm(range(0, b, batch_size), desc="teacher trajectories", disable=not progress, mininterval=2.0):
+        x, y, g = noise[lo:lo + batch_size].float(), labels[lo:lo + batch_size], guidance[lo:lo + batch_size]
+        for k in range(n - 1, -1, -1):
+            points[lo:lo + len(x), k] = x
+            t = grid[k].expand(len(x))
+            if k > 0:
+                x = teacher_ddim_step(teacher, x, t, grid[k - 1].expand(len(x)), y, g, abar, prediction_type)
+            else:
+                both = torch.cat([torch.full_like(y, teacher.null_label), y])
+                m_u, m_c = teacher(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+                ends[lo:lo + len(x)] = x0_eps(prediction_type, m_u + _bc(g) * (m_c - m_u), x, abar[t])[0]
+    return points, ends
+
+
+def _trajectory_settings(spec: ConsistencySpec, teacher_name: str) -> dict:
+    return {"teacher": teacher_name, "seed": spec.seed, "num_trajectories": spec.num_trajectories,
+            "grid_steps": spec.grid_steps, "guidance": [spec.guidance_min, spec.guidance_max]}
+
+
+def load_or_make_trajectories(spec: ConsistencySpec, teacher, out: Path, grid, abar, prediction_type: str,
+                              expected_sha256: str | None, progress: bool) -> tuple[dict, str]:
+    """The run's teacher trajectories: read from ``out/trajectories.pt`` when it was written for these settings
+    (and, on resume, has the sha256 the checkpoint recorded), else solved again (deterministic: same numbers) and
+    written atomically. Returns the tensors and the file's sha256."""
+    import hashlib
+    import warnings
+
+    from fastdiff.models.generate import balanced_labels, make_noise, stream_seed
+
+    path = out / TRAJECTORIES
+    want = _trajectory_settings(spec, str(getattr(teacher, "name", spec.teacher)))
+    if path.is_file():
+        raw = path.read_bytes()
+        sha = hashlib.sha256(raw).hexdigest()
+        problem = None
+        if expected_sha256 is not None and sha != expected_sha256:
+            problem = "its sha256 is not the one the checkpoint recorded"
+        else:
+            try:
+                data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+                if not isinstance(data, dict) or data.get("format") != TRAJECTORIES_FORMAT:
+                    problem = "it is not a trajectories file"
+                elif data.get("settings") != want:
+                    problem = f"it was made with other settings ({data.get('settings')})"
+            except Exception as e:  # damaged file: torch raises several types
+                problem = f"it cannot be read ({type(e).__name__})"
+        if problem is None:
+            return data, sha
+        warnings.warn(f"{path}: {problem}; solving the teacher trajectories again", stacklevel=2)
+    idx = torch.arange(spec.num_trajectories)
+    base = stream_seed(spec.seed, "trajectories")
+    cfg = teacher.unet.config
+    noise = make_noise(base, idx, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+    labels = balanced_labels(idx, teacher.num_classes)
+    g = torch.Generator().manual_seed(base)
+    guidance = spec.guidance_min + (spec.guidance_max - spec.guidance_min) * torch.rand(len(idx), generator=g)
+    points, ends = teacher_trajectories(teacher, noise, labels, guidance, grid, abar, prediction_type,
+                                        progress=progress)
+    data = {"format": TRAJECTORIES_FORMAT, "settings": want, "points": points, "ends": ends, "labels": labels,
+            "guidance": guidance}
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return data, hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
@@ -248,11 +346,13 @@ def read_checkpoint(path: Path, spec: ConsistencySpec) -> dict:
     return ck
 
 
-def _write_checkpoint(path: Path, spec, step, student, target, opt, gen, perm, pos, avg, wall) -> None:
+def _write_checkpoint(path: Path, spec, step, student, target, opt, gen, perm, pos, avg, wall,
+                      trajectories_sha256: str | None = None) -> None:
     buf = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "objective": OBJECTIVE, "settings": _settings(spec), "step": step,
                 "student": student.state_dict(), "target": target.state_dict(), "optimizer": opt.state_dict(),
-                "generator": gen.get_state(), "perm": perm, "pos": pos, "loss_avg": avg, "wall_s": wall}, buf)
+                "generator": gen.get_state(), "perm": perm, "pos": pos, "loss_avg": avg, "wall_s": wall,
+                "trajectories_sha256": trajectories_sha256}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -297,8 +397,15 @@ def train_consistency(spec: ConsistencySpec, out: str | os.PathLike, *, teacher=
     abar = alphas_cumprod(T, sched.get("beta_schedule", "linear"))
     skip = T // spec.grid_steps
     grid = grid_timesteps(T, spec.grid_steps)
-    x_all, y_all = data if data is not None else _digits_data()
-    n = x_all.shape[0]
+    trajectories = traj_sha = None
+    if spec.target == "trajectory":
+        trajectories, traj_sha = load_or_make_trajectories(
+            spec, t_model, out, grid, abar, pred, None if ck is None else ck.get("trajectories_sha256"), progress)
+        x_all = y_all = None
+        n = spec.num_trajectories
+    else:
+        x_all, y_all = data if data is not None else _digits_data()
+        n = x_all.shape[0]
 
     torch.manual_seed(spec.seed)
     student = init_consistency_student(t_model, spec.cond_dim, spec.grid_steps)
@@ -323,7 +430,7 @@ def train_consistency(spec: ConsistencySpec, out: str | os.PathLike, *, teacher=
 
     def save_all(step_done: int) -> None:
         wall = round(wall0 + time.time() - t0, 1)
-        _write_checkpoint(ck_path, spec, step_done, student, target, opt, gen, perm, pos, avg, wall)
+        _write_checkpoint(ck_path, spec, step_done, student, target, opt, gen, perm, pos, avg, wall, traj_sha)
         save(target, out, name=name, defaults=defaults, limits=limits,
              metadata={**meta, "steps_done": step_done, "wall_s": wall,
                        "loss_ema": None if avg is None else round(avg, 6)})
@@ -337,18 +444,27 @@ def train_consistency(spec: ConsistencySpec, out: str | os.PathLike, *, teacher=
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + spec.batch_size]
         pos += spec.batch_size
-        x0, y = x_all[idx], y_all[idx]
         b = len(idx)
-        t = grid[torch.randint(0, spec.grid_steps, (b,), generator=gen)]
-        g = spec.guidance_min + (spec.guidance_max - spec.guidance_min) * torch.rand(b, generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        a = _bc(abar[t])
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        tgt = consistency_targets(t_model, target, x_t, t, y, g, abar, skip, pred, spec.cond_dim)
+        if trajectories is not None:  # a recorded point of each drawn trajectory, and the trajectory's end
+            k = torch.randint(0, spec.grid_steps, (b,), generator=gen)
+            t, x_t, tgt = grid[k], trajectories["points"][idx, k], trajectories["ends"][idx]
+            y, g = trajectories["labels"][idx], trajectories["guidance"][idx]
+        else:
+            x0, y = x_all[idx], y_all[idx]
+            t = grid[torch.randint(0, spec.grid_steps, (b,), generator=gen)]
+            g = spec.guidance_min + (spec.guidance_max - spec.guidance_min) * torch.rand(b, generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            a = _bc(abar[t])
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            tgt = consistency_targets(t_model, target, x_t, t, y, g, abar, skip, pred, spec.cond_dim)
         for grp in opt.param_groups:
             grp["lr"] = spec.lr * min(1.0, (step + 1) / max(1, spec.warmup))
         w_emb = guidance_scale_embedding(g - 1.0, spec.cond_dim)
-        loss = pseudo_huber(consistency_fn(student, x_t, t, y, w_emb, abar, pred), tgt, spec.huber_c)
+        pred_end = consistency_fn(student, x_t, t, y, w_emb, abar, pred)
+        if trajectories is not None:
+            loss = torch.nn.functional.mse_loss(pred_end, tgt)
+        else:
+            loss = pseudo_huber(pred_end, tgt, spec.huber_c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -371,5 +487,5 @@ def train_consistency(spec: ConsistencySpec, out: str | os.PathLike, *, teacher=
 
 
 __all__ = ["ConsistencySpec", "boundary_coefs", "consistency_fn", "consistency_targets", "grid_timesteps",
-           "init_consistency_student", "lcm_scheduler_config", "pseudo_huber", "read_checkpoint",
-           "teacher_ddim_step", "train_consistency", "x0_eps"]
+           "init_consistency_student", "lcm_scheduler_config", "load_or_make_trajectories", "pseudo_huber",
+           "read_checkpoint", "teacher_ddim_step", "teacher_trajectories", "train_consistency", "x0_eps"]

@@ -13,12 +13,14 @@ import torch
 import fastdiff
 from fastdiff.distill.consistency import (
     CHECKPOINT,
+    TRAJECTORIES,
     ConsistencySpec,
     boundary_coefs,
     consistency_fn,
     consistency_targets,
     grid_timesteps,
     init_consistency_student,
+    teacher_trajectories,
     train_consistency,
 )
 from fastdiff.errors import InvalidInput, ModelConfigError
@@ -311,3 +313,74 @@ def test_trained_student_cli(tiny_student, tmp_path, capsys):
     assert "at most 8" in err
     err = one_line_error([*argv, "--guidance", "4"], capsys)
     assert "[1, 3]" in err
+
+
+# ----- target="trajectory": regression onto teacher trajectories ----------------------------------------------
+def test_teacher_trajectories_are_diffusers_ddim():
+    """Every recorded point and the end, against diffusers' DDIMScheduler (trailing spacing, set_alpha_to_one: the
+    grid (n + 1) k - 1 and a last step to x0) run per sample with two plain teacher calls and CFG."""
+    from diffusers import DDIMScheduler
+
+    teacher = _teacher()
+    gen = torch.Generator().manual_seed(6)
+    z, y = torch.randn(3, 1, 16, 16, generator=gen), torch.tensor([0, 4, 9])
+    g = torch.tensor([1.0, 1.7, 3.0])
+    grid = grid_timesteps(1000, 5)
+    points, ends = teacher_trajectories(teacher, z, y, g, grid, _abar(), "v_prediction", batch_size=2)
+    assert points.shape == (3, 5, 1, 16, 16) and torch.equal(points[:, -1], z)
+    ddim = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                         clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    ddim.set_timesteps(5)
+    assert ddim.timesteps.tolist() == grid.flip(0).tolist()
+    for i in range(3):
+        x = z[i:i + 1]
+        for k, t in zip(range(4, -1, -1), ddim.timesteps, strict=True):
+            torch.testing.assert_close(points[i, k], x[0], rtol=BATCH_RTOL, atol=BATCH_ATOL)
+            with torch.no_grad():
+                m_c = teacher.unet(x, t, encoder_hidden_states=teacher.encode_labels(y[i:i + 1])).sample
+                m_u = teacher.unet(x, t, encoder_hidden_states=teacher.encode_labels(torch.tensor([10]))).sample
+            x = ddim.step(m_u + float(g[i]) * (m_c - m_u), t, x, eta=0.0).prev_sample
+        torch.testing.assert_close(ends[i], x[0], rtol=BATCH_RTOL, atol=BATCH_ATOL)
+
+
+def _traj_spec(**kw) -> ConsistencySpec:
+    return _spec(**{**dict(target="trajectory", num_trajectories=12, grid_steps=5, target_decay=0.9), **kw})
+
+
+def test_trajectory_target_trains_resumes_and_checks_its_cache(tmp_path, monkeypatch):
+    import fastdiff.distill.consistency as C
+
+    solved = []
+    real = C.teacher_trajectories
+    monkeypatch.setattr(C, "teacher_trajectories", lambda *a, **k: solved.append(1) or real(*a, **k))
+    _run(_traj_spec(), tmp_path / "a")
+    assert len(solved) == 1 and (tmp_path / "a" / TRAJECTORIES).is_file()
+    _run(_traj_spec(), tmp_path / "b", stop_after=3)  # "crashes"; the last checkpoint is step 2
+    _run(_traj_spec(), tmp_path / "b")  # resumes with the trajectories on disk: nothing solved again
+    assert len(solved) == 2
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())["metadata"]
+    assert meta["target"] == "trajectory" and meta["objective"] == "consistency"
+
+    # a damaged trajectories file is solved again (same numbers), with a warning, and the run ends the same
+    _run(_traj_spec(), tmp_path / "c", stop_after=3)
+    path = tmp_path / "c" / TRAJECTORIES
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="sha256 is not the one the checkpoint recorded"):
+        _run(_traj_spec(), tmp_path / "c")
+    assert len(solved) == 4
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == a
+
+    # the student learns: its loss on the trajectories falls (the objective is not a no-op)
+    losses = []
+    for steps in (1, 30):
+        out = tmp_path / f"loss{steps}"
+        _run(_traj_spec(steps=steps, lr=1e-3, target_decay=0.0), out)
+        losses.append(json.loads((out / "config.json").read_text())["metadata"]["loss_ema"])
+    assert losses[1] < losses[0]
+
+    with pytest.raises(InvalidInput, match="target must be one of"):
+        _run(_spec(target="nope"), tmp_path / "bad")
