@@ -251,10 +251,11 @@ def load_or_make_trajectories(spec: ConsistencySpec, teacher, out: Path, grid, a
     labels = balanced_labels(idx, teacher.num_classes)
     g = torch.Generator().manual_seed(base)
     guidance = spec.guidance_min + (spec.guidance_max - spec.guidance_min) * torch.rand(len(idx), generator=g)
+    t0 = time.time()
     points, ends = teacher_trajectories(teacher, noise, labels, guidance, grid, abar, prediction_type,
                                         progress=progress)
     data = {"format": TRAJECTORIES_FORMAT, "settings": want, "points": points, "ends": ends, "labels": labels,
-            "guidance": guidance}
+            "guidance": guidance, "solve_s": round(time.time() - t0, 1)}
     buf = io.BytesIO()
     torch.save(data, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -419,12 +420,15 @@ def train_consistency(spec: ConsistencySpec, out: str | os.PathLike, *, teacher=
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         perm, pos, start, avg, wall0 = ck["perm"], int(ck["pos"]), int(ck["step"]), ck["loss_avg"], ck["wall_s"]
+    elif trajectories is not None:
+        wall0 = float(trajectories.get("solve_s", 0.0))  # the training's wall time includes solving its data
     name = name or f"{getattr(t_model, 'name', 'model')}-consistency"
     limits = {"max_inference_steps": MAX_INFERENCE_STEPS, "guidance_scale": [spec.guidance_min, spec.guidance_max],
               "why_max_steps": "the most steps its quality was measured at"}
     defaults = {"scheduler": "lcm", "num_inference_steps": 4,
                 "guidance_scale": min(max(1.5, spec.guidance_min), spec.guidance_max)}
-    meta = {"objective": OBJECTIVE, **asdict(spec), "teacher": str(getattr(t_model, "name", spec.teacher)),
+    solved = {} if trajectories is None else {"trajectories_s": trajectories.get("solve_s")}  # part of wall_s
+    meta = {"objective": OBJECTIVE, **asdict(spec), **solved, "teacher": str(getattr(t_model, "name", spec.teacher)),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {os.cpu_count()} cores"}
 

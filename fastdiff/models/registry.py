@@ -27,6 +27,7 @@ EMBEDDED: dict[str, str] = {
     "digits": "class-conditional 16x16 digits UNet (DPM-Solver++ 20 steps, CFG 1.5)",
     "digits-onestep": "one-step student distilled from 'digits' (1 step, no CFG)",
     "digits-coalescer": "coalescer network on the digits data, no teacher (1 or 2 steps)",
+    "digits-consistency": "consistency student of 'digits', guidance folded in (lcm, 1 to 8 steps, CFG 1 to 3)",
 }
 #: Text-to-image pipelines that ship inside the package (diffusers pipelines: :func:`load_pipeline`).
 EMBEDDED_PIPELINES: dict[str, str] = {

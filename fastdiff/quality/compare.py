@@ -24,6 +24,8 @@ TEACHER_STEPS = (5, 10, 20)
 ONESTEP = "digits-onestep"
 COALESCER = "digits-coalescer"
 COALESCER_STEPS = (1, 2)
+CONSISTENCY = "digits-consistency"
+CONSISTENCY_STEPS = (1, 2, 4)
 #: first-step confidence ``|direction|`` above which a coalescer sample stops after one step: the median of
 #: digits-coalescer's confidences on the eval set (docs/notes/coalescer.md: about half the samples take 2 steps)
 COALESCER_ADAPTIVE_THRESHOLD = 0.998
@@ -71,12 +73,14 @@ def training_wall_s(model: str) -> float | None:
 def default_jobs(extra: Iterable[tuple[str, list[int]]] = (),
                  adaptive_threshold: float = COALESCER_ADAPTIVE_THRESHOLD) -> list[CompareJob]:
     """The issue's rows: teacher (its scheduler and CFG) at 5 / 10 / 20 steps, the one-step student, the coalescer
-    at 1 / 2 steps and adaptive (its default CFG), then each extra model at its step counts (its own scheduler and
+    at 1 / 2 steps and adaptive (its default CFG), the consistency student at 1 / 2 / 4 steps (lcm, its default
+    CFG folded in: one call per step), then each extra model at its step counts (its own scheduler and
     CFG: ``lcm`` with folded guidance for a consistency student)."""
     jobs = [CompareJob(TEACHER, "teacher (dpmpp_2m)", s, scheduler="dpmpp_2m") for s in TEACHER_STEPS]
     jobs.append(CompareJob(ONESTEP, "triplet regression", 1))
     jobs += [CompareJob(COALESCER, "coalescer", s) for s in COALESCER_STEPS]
     jobs.append(CompareJob(COALESCER, "coalescer, adaptive", max(COALESCER_STEPS), adaptive=adaptive_threshold))
+    jobs += [CompareJob(CONSISTENCY, "consistency (folded CFG)", s) for s in CONSISTENCY_STEPS]
     jobs += [CompareJob(path, "extra model", s) for path, steps in extra for s in steps]
     return jobs
 

@@ -384,3 +384,26 @@ def test_trajectory_target_trains_resumes_and_checks_its_cache(tmp_path, monkeyp
 
     with pytest.raises(InvalidInput, match="target must be one of"):
         _run(_spec(target="nope"), tmp_path / "bad")
+
+
+def test_embedded_digits_consistency_loads_samples_and_exports(tmp_path):
+    """The shipped student (trajectory target): loads by name with its limits, samples 1 / 2 / 4 steps with one
+    network call each, refuses 9 steps, and exports to ONNX (guidance as an input) with parity."""
+    from fastdiff.export import export_onnx
+
+    m = load("digits-consistency")
+    assert m.name == "digits-consistency" and m.unet.config.time_cond_proj_dim == 32
+    assert m.defaults["scheduler"] == "lcm" and m.limits["max_inference_steps"] == 8
+    cfg = json.loads((Path(digits.__file__).parent / "weights" / "digits-consistency" / "config.json").read_text())
+    assert cfg["metadata"]["target"] == "trajectory" and cfg["metadata"]["steps_done"] == cfg["metadata"]["steps"]
+    calls = _count_calls(m)
+    for steps in (1, 2, 4):
+        calls.clear()
+        img = fastdiff.sample(model=m, num_inference_steps=steps, class_labels=list(range(10)), output_type="latent",
+                              generator=torch.Generator().manual_seed(0), progress=False)
+        assert img.shape == (10, 1, 16, 16) and torch.isfinite(img).all()
+        assert [c[0] for c in calls] == [10] * steps  # folded guidance: one B-sized call per step
+    with pytest.raises(InvalidInput, match="at most 8"):
+        fastdiff.sample(model="digits-consistency", num_inference_steps=9, class_labels=[1], progress=False)
+    report = export_onnx(load("digits-consistency"), tmp_path, progress=False)
+    assert report.parity and all(p.ok and p.max_rel < 1e-4 for p in report.parity)

@@ -71,6 +71,7 @@ def test_default_jobs_are_the_issue_rows(tiny_dir):
     got = [(j.model, j.steps, j.adaptive) for j in jobs]
     assert got == [("digits", 5, None), ("digits", 10, None), ("digits", 20, None), ("digits-onestep", 1, None),
                    ("digits-coalescer", 1, None), ("digits-coalescer", 2, None), ("digits-coalescer", 2, 0.99),
+                   ("digits-consistency", 1, None), ("digits-consistency", 2, None), ("digits-consistency", 4, None),
                    (str(tiny_dir), 1, None), (str(tiny_dir), 4, None)]
 
 
