@@ -121,6 +121,11 @@ def check_writable(path: str | os.PathLike, kind: str = "file", *, what: str = "
     if kind == "file":
         if p.is_dir():
             raise InvalidInput(f"{what} {str(p)!r} is a folder; give a file path (inside it, for instance)")
+        if p.exists() and not p.is_file():
+            # A device (/dev/null), FIFO or socket: the atomic write renames a new file over the path, which would
+            # replace the device itself (as root, /dev/null would become a regular file).
+            raise InvalidInput(f"{what} {str(p)!r} is not a regular file (a device, pipe or socket), and writing "
+                               "the result would replace it; give a file path")
         folder = p.parent
         if not folder.exists():
             raise InvalidInput(f"{what}: the folder {str(folder)!r} does not exist; create it or pick another path")

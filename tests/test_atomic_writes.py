@@ -118,6 +118,17 @@ def test_check_writable_refuses_a_real_unwritable_folder():
         check_writable("/proc/self/out.png", "file")
 
 
+def test_check_writable_refuses_devices_and_pipes(tmp_path):
+    """An atomic write renames over the target: /dev/null or a FIFO given as an output would be replaced."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for special in (fifo, Path("/dev/null")):
+        if special.exists():
+            with pytest.raises(InvalidInput, match="not a regular file"):
+                check_writable(special, "file", what="--json")
+    assert Path("/dev/null").is_char_device() and fifo.is_fifo()
+
+
 def test_check_writable_accepts_and_creates_nothing(tmp_path):
     assert check_writable(tmp_path / "x.png") == tmp_path / "x.png"
     assert check_writable(tmp_path / "new" / "deeper", "dir") == tmp_path / "new" / "deeper"
