@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -81,8 +82,25 @@ def default_jobs(extra: Iterable[tuple[str, list[int]]] = (),
     jobs += [CompareJob(COALESCER, "coalescer", s) for s in COALESCER_STEPS]
     jobs.append(CompareJob(COALESCER, "coalescer, adaptive", max(COALESCER_STEPS), adaptive=adaptive_threshold))
     jobs += [CompareJob(CONSISTENCY, "consistency (folded CFG)", s) for s in CONSISTENCY_STEPS]
-    jobs += [CompareJob(path, "extra model", s) for path, steps in extra for s in steps]
+    jobs += [CompareJob(path, extra_method(path), s) for path, steps in extra for s in steps]
     return jobs
+
+
+def extra_method(model: str) -> str:
+    """The method column of an extra model, read from its config's training metadata: a REPA-trained teacher, a
+    consistency student (and its training target), else "extra model"."""
+    from fastdiff.models.registry import read_config
+
+    cfg = read_config(model)
+    meta = cfg.get("metadata") or {}
+    if meta.get("objective") == "consistency":
+        return f"consistency ({meta.get('target', 'bootstrap')} target)"
+    if meta.get("repa_weight"):
+        scheduler = (cfg.get("defaults") or {}).get("scheduler", "its scheduler")
+        return f"teacher, REPA λ={meta['repa_weight']:g}, {meta.get('steps_done', '?')} steps ({scheduler})"
+    if "steps_done" in meta and not meta.get("objective"):
+        return f"teacher, {meta['steps_done']} steps"
+    return "extra model"
 
 
 @torch.no_grad()
@@ -132,6 +150,8 @@ def compare(jobs: list[CompareJob], num_per_class: int = 50, seed: int = 0, prog
             r.mean_steps = float(job.steps)
         r.method = job.method
         r.train_wall_s = training_wall_s(job.model)
+        if Path(job.model).is_dir():  # a folder: its name tells the rows apart (a retrained "digits" is not digits)
+            r.model = Path(job.model).name
         results.append(r)
     return results
 

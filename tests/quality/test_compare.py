@@ -129,3 +129,26 @@ def test_cli_compare_bad_inputs_one_line(argv, needle, monkeypatch, capsys):
 
     monkeypatch.setattr(compare_mod, "compare", no_work)
     assert needle in one_line_error(["eval", "--compare", *argv], capsys)
+
+
+def test_extra_models_are_named_by_folder_and_training(tmp_path, tiny_dir):
+    """An extra model's row says what it is (from its config's metadata) and is named by its folder, so two
+    retrained teachers that both call themselves "digits" stay apart."""
+    import shutil
+
+    from fastdiff.quality.compare import extra_method
+
+    assert extra_method(str(tiny_dir)) == "extra model"
+    for name, meta, want in (("repa", {"repa_weight": 0.5, "steps_done": 1200}, "teacher, REPA λ=0.5, 1200 steps"),
+                             ("plain", {"steps_done": 1200}, "teacher, 1200 steps"),
+                             ("cm", {"objective": "consistency", "target": "trajectory"},
+                              "consistency (trajectory target)")):
+        d = tmp_path / name
+        shutil.copytree(tiny_dir, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["metadata"] = meta
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert extra_method(str(d)).startswith(want)
+    r = compare([CompareJob(str(tmp_path / "repa"), extra_method(str(tmp_path / "repa")), 1)], num_per_class=2,
+                progress=False)[0]
+    assert r.model == "repa" and r.method.startswith("teacher, REPA")
