@@ -4,7 +4,8 @@ A CNN judge trained on the real digits (seeded, held-out accuracy printed) decid
 requested digit; the FD compares samples and all real digits in the judge's 64-wide feature space. ``--sweep``
 measures every scheduler x step count and writes a Markdown table and a quality-against-time plot (PNG).
 ``--compare`` measures the fast-model methods on one table (compare.md / .json / .png): the teacher at 5 / 10 / 20
-steps, digits-onestep, digits-coalescer at 1 / 2 steps and adaptive, and each ``--extra-model DIR[:1,2,4]``.
+steps, digits-onestep, digits-coalescer at 1 / 2 steps and adaptive, digits-consistency at 1 / 2 / 4 steps, and each
+``--extra-model DIR[:1,2,4]``.
 ``--model shapes`` judges the text-to-image pipeline's prompt adherence instead (:mod:`fastdiff.quality.shapes_eval`:
 fractions of one- and two-object prompts fully correct, FD in the shapes judge's features; ``--sweep`` over
 ``--guidance-list``). Needs scikit-learn (and matplotlib for the plot): ``pip install fastdiff[digits]``.
@@ -51,7 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="measure accuracy / Fréchet distance / time; sweep schedulers x steps",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits",
-                   help="embedded model name (digits, digits-onestep, digits-coalescer, shapes) or model directory")
+                   help="embedded model name (digits, digits-onestep, digits-coalescer, digits-consistency, shapes) "
+                   "or model directory")
     p.add_argument("--scheduler", default=None, help="scheduler name (default: the model's own)")
     p.add_argument("--steps", type=cli_int(1), default=None, help="inference steps (default: the model's)")
     p.add_argument("--guidance", type=cli_number(), default=None, help="CFG scale (default: the model's)")

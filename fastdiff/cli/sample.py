@@ -99,8 +99,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sample", help="draw pictures of prompts (or digits) with an embedded model into a PNG "
                               "grid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="embedded model name (shapes: text to image, the default; digits, "
-                   "digits-onestep, digits-coalescer: labels, the default when --labels / --num-per-label are "
-                   "given) or model dir")
+                   "digits-onestep, digits-coalescer, digits-consistency: labels, the default when --labels / "
+                   "--num-per-label are given) or model dir")
     p.add_argument("--labels", default=None, help="digits to draw, e.g. 0-9 (default), 3,1,4")
     p.add_argument("--num-per-label", type=cli_int(1), default=None, help="images per digit (grid rows; default 1)")
     p.add_argument("--prompt", action="append", default=None,
