@@ -216,3 +216,10 @@ def test_onnx_export_of_the_student_matches_pytorch(student_dir, tmp_path):
     assert abs(ref[0] - ref[1]).max() > 1e-2
     with pytest.raises(InvalidInput, match="at most 1 inference steps"):
         runner(PROMPTS, num_inference_steps=4)
+
+
+def test_the_student_is_judged_against_its_own_goals():
+    from fastdiff.quality import shapes_eval as E
+
+    assert E.goals_for("shapes-onestep") == {"one_object": 0.85, "two_object": 0.55}
+    assert E.goals_for("shapes") == E.GOALS and E.goals_for("/some/folder") == E.GOALS
