@@ -64,8 +64,10 @@ LIMITS: dict = {"max_inference_steps": 1, "guidance_scale": [1.0, 1.0],
 
 
 def student_scheduler_config(teacher_scheduler: dict) -> dict:
-    """The student's scheduler: the one-step DDIM config of the teacher's schedule."""
-    return onestep_scheduler_config(teacher_scheduler)
+    """The student's scheduler: the one-step DDIM config of the teacher's schedule, with ``steps_offset`` 1:
+    ``StableDiffusionPipeline`` rewrites any other value to 1 with a FutureWarning on every load, and trailing
+    spacing does not read it (one step is ``t = 999`` either way)."""
+    return {**onestep_scheduler_config(teacher_scheduler), "steps_offset": 1}
 
 
 def init_student(unet, text_encoder, teacher_scheduler: dict):

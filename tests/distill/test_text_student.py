@@ -213,7 +213,9 @@ def test_onnx_export_of_the_student_matches_pytorch(student_dir, tmp_path):
     got = runner(PROMPTS, generator=torch.Generator().manual_seed(3))  # the manifest's defaults: 1 step, CFG 1
     assert got.shape == ref.shape == (2, 64, 64, 3)
     assert abs(got - ref).max() <= ONNX_PIPELINE_IMG_ATOL
-    assert abs(ref[0] - ref[1]).max() > 1e-2
+    # the two prompts and noises give other images (a tiny random student's differ by ~1e-2): the parity above is
+    # a check at 1 % of that difference, not between two constant images
+    assert abs(ref[0] - ref[1]).max() > 100 * ONNX_PIPELINE_IMG_ATOL
     with pytest.raises(InvalidInput, match="at most 1 inference steps"):
         runner(PROMPTS, num_inference_steps=4)
 
@@ -223,3 +225,16 @@ def test_the_student_is_judged_against_its_own_goals():
 
     assert E.goals_for("shapes-onestep") == {"one_object": 0.85, "two_object": 0.55}
     assert E.goals_for("shapes") == E.GOALS and E.goals_for("/some/folder") == E.GOALS
+
+
+def test_the_shipped_student_folder_is_complete_and_verified():
+    """The shipped ``weights/shapes-onestep`` (read, not sampled): its manifest holds, its settings are the
+    one-step ones, and it shares the teacher's VAE and tokenizer rather than carrying copies."""
+    folder = S.STUDENT_DIR
+    if not (folder / "manifest.json").is_file():
+        pytest.skip("the student's weights are not shipped in this tree")
+    P.verify(folder)
+    assert P.metadata(folder)["defaults"] == S.DEFAULTS and P.metadata(folder)["limits"]["max_inference_steps"] == 1
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDIMScheduler" and sched["prediction_type"] == "sample"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "scheduler", "text_encoder", "unet"]
