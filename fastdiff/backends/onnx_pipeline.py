@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ import torch
 from fastdiff.errors import InvalidInput, ModelConfigError
 from fastdiff.exported.manifest import COMPONENTS, read_manifest
 from fastdiff.exported.session import make_session
+from fastdiff.models.folded_guidance import check_limits
 
 
 class OnnxTextToImage:
@@ -91,6 +93,9 @@ class OnnxTextToImage:
             raise InvalidInput(f"negative_prompt has {len(negative)} entries for {len(prompts)} prompts")
         steps = int(num_inference_steps or self.defaults.get("num_inference_steps", 20))
         guidance = float(self.defaults.get("guidance_scale", 5.0) if guidance_scale is None else guidance_scale)
+        if self.manifest.get("limits"):  # a distilled student (shapes-onestep): the steps / guidance it learned
+            check_limits(SimpleNamespace(limits=self.manifest["limits"], name=self.manifest.get("model")), steps,
+                         guidance)
         cfg = guidance > 1.0  # the pipeline's do_classifier_free_guidance
         embeds = self.encode(negative + prompts) if cfg else self.encode(prompts)
         scheduler = self._scheduler()

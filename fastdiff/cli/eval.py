@@ -52,8 +52,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="measure accuracy / Fréchet distance / time; sweep schedulers x steps",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits",
-                   help="embedded model name (digits, digits-onestep, digits-coalescer, digits-consistency, shapes) "
-                   "or model directory")
+                   help="embedded model name (digits, digits-onestep, digits-coalescer, digits-consistency, shapes, "
+                   "shapes-onestep) or model directory")
     p.add_argument("--scheduler", default=None, help="scheduler name (default: the model's own)")
     p.add_argument("--steps", type=cli_int(1), default=None, help="inference steps (default: the model's)")
     p.add_argument("--guidance", type=cli_number(), default=None, help="CFG scale (default: the model's)")
@@ -196,7 +196,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
         print(E.format_table(results))
         r = results[0]
         verdict = " ".join(f"{k.replace('_', ' ')} {'met' if getattr(r, k) >= v else 'MISSED'} (goal {100 * v:.0f} %)"
-                           for k, v in E.GOALS.items())
+                           for k, v in E.goals_for(args.model).items())
         print(f"goals: {verdict}; machine: {r.device}")
     if args.json:
         atomic_write_text(args.json, json.dumps([r.as_dict() for r in results], indent=1) + "\n")

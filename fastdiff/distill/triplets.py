@@ -144,6 +144,31 @@ def _shard_problem(spec: TripletSpec, out: Path, k: int, record: dict | None) ->
     return None
 
 
+def pending_shards(spec: TripletSpec, out: Path, records: dict, rank: int = 0, world_size: int = 1) -> list[int]:
+    """This rank's shards that are missing or bad (warning :class:`ShardRegenerated` for each bad one)."""
+    todo = []
+    for k in range(rank, spec.num_shards, world_size):
+        if not shard_path(out, k).exists():
+            todo.append(k)
+            continue
+        problem = _shard_problem(spec, out, k, records.get(f"{k:05d}"))
+        if problem is not None:
+            warnings.warn(f"shard {shard_path(out, k)} is bad ({problem}); regenerating it", ShardRegenerated,
+                          stacklevel=3)
+            todo.append(k)
+    return todo
+
+
+def save_shard(spec: TripletSpec, out: Path, k: int, tensors: dict[str, torch.Tensor], records: dict,
+               world_size: int = 1) -> None:
+    """Write shard ``k`` atomically; alone (``world_size`` 1) record it in the manifest at once (ranks would race
+    on the file: rank 0 records every shard after the barrier)."""
+    _atomic_save(tensors, shard_path(out, k), metadata={"shard": str(k)})
+    if world_size == 1:
+        records[f"{k:05d}"] = _record(shard_path(out, k))
+        _write_manifest(out, spec, records)
+
+
 def generate_shards(spec: TripletSpec, out: str | os.PathLike, rank: int = 0, world_size: int = 1,
                     device=None, backend: str = "auto", progress: bool = True,
                     fail_after: int | None = None, teacher=None) -> list[int]:
@@ -156,17 +181,7 @@ def generate_shards(spec: TripletSpec, out: str | os.PathLike, rank: int = 0, wo
 
     out = Path(out)
     records = _check_manifest(out, spec)
-    mine = [k for k in range(spec.num_shards) if k % world_size == rank]
-    todo = []
-    for k in mine:
-        if not shard_path(out, k).exists():
-            todo.append(k)
-            continue
-        problem = _shard_problem(spec, out, k, records.get(f"{k:05d}"))
-        if problem is not None:
-            warnings.warn(f"shard {shard_path(out, k)} is bad ({problem}); regenerating it", ShardRegenerated,
-                          stacklevel=2)
-            todo.append(k)
+    todo = pending_shards(spec, out, records, rank, world_size)
     if not todo:
         return []
     if teacher is None:
@@ -182,12 +197,9 @@ def generate_shards(spec: TripletSpec, out: str | os.PathLike, rank: int = 0, wo
         labels = balanced_labels(idx, teacher.num_classes)
         noise = make_noise(spec.seed, idx, (c, size, size))
         images = generate(sampler, labels, noise, spec.num_inference_steps, spec.guidance_scale)
-        _atomic_save({"index": idx, "label": labels, "noise": noise, "image": images}, shard_path(out, k),
-                     metadata={"shard": str(k)})
+        save_shard(spec, out, k, {"index": idx, "label": labels, "noise": noise, "image": images}, records,
+                   world_size)
         written.append(k)
-        if world_size == 1:  # alone, record each shard at once; ranks would race on the file: rank 0 does it later
-            records[f"{k:05d}"] = _record(shard_path(out, k))
-            _write_manifest(out, spec, records)
         if fail_after is not None and len(written) >= fail_after:
             raise SystemExit(17)
     return written

@@ -1,5 +1,6 @@
-"""ONNX export of a text-to-image pipeline's components (the ``shapes`` teacher):
-``python -m fastdiff.export shapes --format onnx [--out DIR]`` (or a folder written by ``train shapes``).
+"""ONNX export of a text-to-image pipeline's components (the ``shapes`` teacher, its one-step student
+``shapes-onestep``): ``python -m fastdiff.export shapes --format onnx [--out DIR]`` (or a folder written by
+``train shapes`` / ``train shapes-onestep``).
 
 Three graphs, each with a dynamic batch (the *model* batch: 2 x images under classifier-free guidance), each traced,
 validated and parity-checked against PyTorch with onnxruntime on random inputs by the one UNet export path
@@ -11,7 +12,8 @@ validated and parity-checked against PyTorch with onnxruntime on random inputs b
     vae_decoder.onnx   latents (batch, 4, 16, 16), as the sampling loop ends with them
                        -> image (batch, 3, 64, 64) in [0, 1]: vae.decode(latents / scaling_factor) / 2 + 0.5, clamped
 
-plus ``manifest.json`` (:mod:`fastdiff.exported.manifest`: files, sha256, opset, parity numbers, scheduler, defaults).
+plus ``manifest.json`` (:mod:`fastdiff.exported.manifest`: files, sha256, opset, parity numbers, scheduler, defaults,
+and a student's ``limits``: the runner refuses more steps than it was trained for).
 Every graph is staged first; nothing reaches ``--out`` unless all three pass their parity check, and the manifest
 is published last, so a loader that verifies it never runs a half-updated set. Sizes come from the ``shapes``
 export profile (``export/shapes.toml``); ``--batch`` narrows it, ``--precision fp16`` exports all three in fp16.
@@ -254,6 +256,7 @@ def _manifest(source: ModelSource, prof: ExportProfile, pipe, graphs: dict[str, 
             "outputs": [s.to_dict() for s in g.outputs], "dims": {k: v.as_list() for k, v in g.dims.items()},
             "parity": [vars(p) for p in r.parity], "timings_s": {k: round(v, 3) for k, v in r.timings.items()}}
     tok = pipe.tokenizer
+    limits = dict(getattr(pipe, "fastdiff_limits", None) or {})  # a distilled student's (shapes-onestep: 1 step)
     return {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": source.name, "origin": source.origin,
         "precision": prof.precision, "opset": prof.opset, "profile": prof.to_dict(),
@@ -261,5 +264,5 @@ def _manifest(source: ModelSource, prof: ExportProfile, pipe, graphs: dict[str, 
         "scheduler": source.scheduler_config, "defaults": source.defaults,
         "tokenizer": {"name": PROFILE, "model_max_length": int(tok.model_max_length), "vocab_size": len(tok)},
         "vae": {"scaling_factor": float(pipe.vae.config.scaling_factor), "scale_factor": int(pipe.vae_scale_factor)},
-        "versions": versions_metadata(),
+        "versions": versions_metadata(), **({"limits": limits} if limits else {}),
     }

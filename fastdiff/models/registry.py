@@ -32,6 +32,7 @@ EMBEDDED: dict[str, str] = {
 #: Text-to-image pipelines that ship inside the package (diffusers pipelines: :func:`load_pipeline`).
 EMBEDDED_PIPELINES: dict[str, str] = {
     "shapes": "text-to-image 64x64 shapes: a diffusers StableDiffusionPipeline (DPM-Solver++ 20 steps, CFG 5)",
+    "shapes-onestep": "one-step student distilled from 'shapes' (1 step, CFG 5 folded in: guidance 1)",
 }
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -1,6 +1,7 @@
-"""Text-to-image pipelines that ship inside the package (``"shapes"``), by name or by folder: which models are
-pipelines, and loading them as diffusers ``StableDiffusionPipeline`` objects. Above both the label-model registry
-and the ``shapes`` modules (which import the registry), so neither imports the other through it."""
+"""Text-to-image pipelines that ship inside the package (``"shapes"``, ``"shapes-onestep"``), by name or by
+folder: which models are pipelines, and loading them as diffusers ``StableDiffusionPipeline`` objects. Above both
+the label-model registry and the ``shapes`` modules (which import the registry), so neither imports the other
+through it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.errors import ModelNotFound
-from fastdiff.models.registry import EMBEDDED, EMBEDDED_PIPELINES
+from fastdiff.models.registry import EMBEDDED, EMBEDDED_PIPELINES, WEIGHTS_DIR
 from fastdiff.models.shapes import pipeline as shapes_pipeline
 
 
@@ -39,7 +40,8 @@ def load_pipeline(name_or_path: str | os.PathLike = "shapes", device=None, dtype
     Raises :class:`ModelNotFound` for anything else."""
     s = os.fspath(name_or_path)
     if s in EMBEDDED_PIPELINES:
-        path = shapes_pipeline.PIPELINE_DIR
+        # "shapes": PIPELINE_DIR (looked up at call time: tests point it elsewhere); others: their weights folder
+        path = shapes_pipeline.PIPELINE_DIR if s == "shapes" else WEIGHTS_DIR / s
     elif s in EMBEDDED:
         raise ModelNotFound(f"{s!r} is a label-conditioned model, not a text-to-image pipeline: load it with "
                             f"fastdiff.models.load({s!r}); pipelines: {', '.join(map(repr, EMBEDDED_PIPELINES))}")

@@ -28,6 +28,13 @@ from fastdiff._atomic import atomic_write_bytes, atomic_write_text
 SWEEP_GUIDANCE = (1.0, 2.0, 3.0, 5.0, 7.0, 9.0)
 #: the teacher's goals on this judge (fraction fully correct), from the issue
 GOALS = {"one_object": 0.95, "two_object": 0.70}
+#: the goals of other embedded pipelines (issue 15: the one-step student ``shapes-onestep``)
+MODEL_GOALS = {"shapes-onestep": {"one_object": 0.85, "two_object": 0.55}}
+
+
+def goals_for(model) -> dict:
+    """The goals a model is judged against: its own (:data:`MODEL_GOALS`, by embedded name) or the teacher's."""
+    return MODEL_GOALS.get(model, GOALS) if isinstance(model, str) else GOALS
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fastdiff._atomic import atomic_write_bytes, read_format_json, sha256_file
-from fastdiff.errors import MissingDependency, ModelNotFound
+from fastdiff.errors import MissingDependency, ModelConfigError, ModelNotFound
 from fastdiff.models.registry import WEIGHTS_DIR
 
 PIPELINE_DIR = WEIGHTS_DIR / "shapes"
@@ -81,28 +81,42 @@ def build_unet(seed: int = 0, config: dict | None = None):
         return UNet2DConditionModel(**(config or UNET_CONFIG))
 
 
-def make_scheduler(config: dict | None = None):
-    """The pipeline's scheduler (default :data:`SCHEDULER_CONFIG`)."""
-    from diffusers import DPMSolverMultistepScheduler
+#: the scheduler classes a pipeline folder may name (``_class_name``): the teacher's, and the one-step student's
+#: (``DDIMScheduler``, :func:`fastdiff.distill.train.onestep_scheduler_config`)
+SCHEDULER_CLASSES = ("DPMSolverMultistepScheduler", "DDIMScheduler")
 
-    cfg = {k: v for k, v in (config or SCHEDULER_CONFIG).items() if not k.startswith("_")}
-    return DPMSolverMultistepScheduler(**cfg)
+
+def make_scheduler(config: dict | None = None):
+    """The pipeline's scheduler (default :data:`SCHEDULER_CONFIG`); its ``_class_name`` one of
+    :data:`SCHEDULER_CLASSES` (none: DPM-Solver++, the teacher's)."""
+    import diffusers
+
+    config = config or SCHEDULER_CONFIG
+    name = config.get("_class_name", "DPMSolverMultistepScheduler")
+    if name not in SCHEDULER_CLASSES:
+        raise ModelConfigError(f"a shapes pipeline's scheduler must be one of {list(SCHEDULER_CLASSES)}, the config "
+                               f"names {name!r}")
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    return getattr(diffusers, name)(**cfg)
 
 
 def _state_fp16(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in module.state_dict().items()}
 
 
-def save_components(unet, text_encoder, out: str | os.PathLike, metadata: dict) -> Path:
+def save_components(unet, text_encoder, out: str | os.PathLike, metadata: dict, scheduler_config: dict | None = None,
+                    defaults: dict | None = None) -> Path:
     """Write ``out/unet`` (diffusers layout) and ``out/text_encoder`` (transformers layout) in float16, and
     ``out/scheduler/scheduler_config.json``; each file atomically. ``metadata`` (training command, times, defaults,
-    evaluation) goes into the UNet config under ``_fastdiff``."""
+    evaluation; a student's ``limits``) goes into the UNet config under ``_fastdiff``. ``scheduler_config`` /
+    ``defaults``: the sampling settings (default: the teacher's, :data:`SCHEDULER_CONFIG` / :data:`DEFAULTS`)."""
     from safetensors.torch import save as st_save
 
     out = Path(out)
     unet_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()
                 if not k.startswith("_")}
-    unet_cfg.update({"_class_name": "UNet2DConditionModel", "_fastdiff": {"defaults": DEFAULTS, **metadata}})
+    unet_cfg.update({"_class_name": "UNet2DConditionModel",
+                     "_fastdiff": {"defaults": defaults or DEFAULTS, **metadata}})
     atomic_write_bytes(out / "unet" / "diffusion_pytorch_model.safetensors",
                        st_save(_state_fp16(unet), metadata={"format": "pt"}))
     atomic_write_bytes(out / "unet" / "config.json", (json.dumps(unet_cfg, indent=2) + "\n").encode())
@@ -112,7 +126,7 @@ def save_components(unet, text_encoder, out: str | os.PathLike, metadata: dict) 
     atomic_write_bytes(out / "text_encoder" / "model.safetensors", st_save(te_state, metadata={"format": "pt"}))
     atomic_write_bytes(out / "text_encoder" / "config.json", (json.dumps(te_cfg, indent=2) + "\n").encode())
     atomic_write_bytes(out / "scheduler" / "scheduler_config.json",
-                       (json.dumps(SCHEDULER_CONFIG, indent=2) + "\n").encode())
+                       (json.dumps(scheduler_config or SCHEDULER_CONFIG, indent=2) + "\n").encode())
     write_manifest(out)
     return out
 
@@ -213,5 +227,9 @@ def load_pipeline(path: str | os.PathLike = PIPELINE_DIR, dtype: torch.dtype = t
     pipe.set_progress_bar_config(disable=True)
     # fastdiff.sample / Sampler use these for arguments the caller leaves out; the pipeline's own __call__ keeps
     # diffusers' signature defaults (50 steps, CFG 7.5)
-    pipe.fastdiff_defaults = dict(metadata(path).get("defaults", DEFAULTS))
+    meta = metadata(path)
+    pipe.fastdiff_defaults = dict(meta.get("defaults", DEFAULTS))
+    # what a distilled student supports (``{"max_inference_steps": 1, ...}``), checked by fastdiff.Sampler
+    pipe.fastdiff_limits = dict(meta.get("limits") or {})
+    pipe.fastdiff_name = path.name
     return pipe.to(device)
