@@ -213,9 +213,9 @@ def test_onnx_export_of_the_student_matches_pytorch(student_dir, tmp_path):
     got = runner(PROMPTS, generator=torch.Generator().manual_seed(3))  # the manifest's defaults: 1 step, CFG 1
     assert got.shape == ref.shape == (2, 64, 64, 3)
     assert abs(got - ref).max() <= ONNX_PIPELINE_IMG_ATOL
-    # the two prompts and noises give other images (a tiny random student's differ by ~1e-2): the parity above is
-    # a check at 1 % of that difference, not between two constant images
-    assert abs(ref[0] - ref[1]).max() > 100 * ONNX_PIPELINE_IMG_ATOL
+    # the two prompts and noises give other images (a tiny random student's differ by 7e-3 to 1e-2, measured at 2
+    # and 1 threads): the parity above is a check at 10 % of that difference at most, not between constant images
+    assert abs(ref[0] - ref[1]).max() > 10 * ONNX_PIPELINE_IMG_ATOL
     with pytest.raises(InvalidInput, match="at most 1 inference steps"):
         runner(PROMPTS, num_inference_steps=4)
 
