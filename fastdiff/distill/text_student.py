@@ -49,7 +49,7 @@ from fastdiff.distill.triplets import load_triplets
 from fastdiff.errors import InvalidInput
 from fastdiff.models.generate import sample_seed
 from fastdiff.models.registry import WEIGHTS_DIR
-from fastdiff.models.train_digits import ema_update, lr_at
+from fastdiff.models.train_digits import lr_at, optimizer_step_with_ema
 
 NAME = "shapes-onestep"
 STUDENT_DIR = WEIGHTS_DIR / NAME
@@ -168,13 +168,7 @@ def train(pipe, triplets: dict, out: str | os.PathLike, work: str | os.PathLike,
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
         loss = F.mse_loss(student_latents(unet, text, z[idx], ids[idx], t_last), x0[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        ema_update(unet_ema, unet, decay)
-        ema_update(text_ema, text, decay)
+        optimizer_step_with_ema(opt, loss, params, ((unet_ema, unet), (text_ema, text)), ema_decay, step)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         if log_every and (step + 1) % log_every == 0:

@@ -31,12 +31,10 @@ from fastdiff.distill.triplets import (
     MANIFEST,
     TripletSpec,
     _check_manifest,
-    _record,
     _write_manifest,
-    merge_shards,
     pending_shards,
+    record_and_merge,
     save_shard,
-    shard_path,
 )
 from fastdiff.models.generate import make_noise
 
@@ -135,9 +133,4 @@ def run(spec: TextTripletSpec, out: str | os.PathLike, pipe=None, backend: str =
     if progress:
         print(f"wrote {len(written)} shards in {time.time() - t0:.1f}s "
               f"({torch.get_num_threads()} threads)", flush=True)
-    records = _check_manifest(out, spec)
-    for k in range(spec.num_shards):
-        if shard_path(out, k).exists():
-            records[f"{k:05d}"] = _record(shard_path(out, k))
-    _write_manifest(out, spec, records)
-    return merge_shards(spec, out)
+    return record_and_merge(spec, out)

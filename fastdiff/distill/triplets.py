@@ -263,15 +263,20 @@ def run_distributed(spec: TripletSpec, out: str | os.PathLike, backend: str = "a
         if rank != 0:
             return None
         # every shard was checked or written by its rank in this run: record them all (ranks did not, see above)
-        records = _check_manifest(out, spec)
-        for k in range(spec.num_shards):
-            if shard_path(out, k).exists():
-                records[f"{k:05d}"] = _record(shard_path(out, k))
-        _write_manifest(out, spec, records)
-        return merge_shards(spec, out)
+        return record_and_merge(spec, out)
     finally:
         if pg:
             torch.distributed.destroy_process_group()
+
+
+def record_and_merge(spec, out: Path) -> Path:
+    """Record every shard on disk in the manifest (size, sha256), then merge them: the end of a generation run."""
+    records = _check_manifest(out, spec)
+    for k in range(spec.num_shards):
+        if shard_path(out, k).exists():
+            records[f"{k:05d}"] = _record(shard_path(out, k))
+    _write_manifest(out, spec, records)
+    return merge_shards(spec, out)
 
 
 def load_triplets(path: str | os.PathLike) -> dict[str, torch.Tensor]:

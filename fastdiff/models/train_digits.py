@@ -53,6 +53,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(e, m, 1.0 - decay)
 
 
+def optimizer_step_with_ema(opt, loss: torch.Tensor, params, ema_pairs, ema_decay: float, step: int) -> None:
+    """Backward, gradients clipped to norm 1, one optimiser step, then every ``(ema, model)`` pair updated with the
+    warm-started decay ``min(ema_decay, (1 + step) / (10 + step))`` (the text-to-image trainers' step)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    for ema, model in ema_pairs:
+        ema_update(ema, model, decay)
+
+
 def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     """Linear warm-up then cosine decay to 5% of ``lr``."""
     if step < warmup:

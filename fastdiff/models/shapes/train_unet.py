@@ -34,7 +34,7 @@ from fastdiff._checks import cli_int, cli_number
 from fastdiff.errors import InvalidInput
 from fastdiff.models.shapes import pipeline as P
 from fastdiff.models.shapes import render
-from fastdiff.models.train_digits import alphas_cumprod, ema_update, lr_at
+from fastdiff.models.train_digits import alphas_cumprod, lr_at, optimizer_step_with_ema
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -132,13 +132,7 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
             grp["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10 + 1))
         cond = text_encoder(tokenize(tokenizer, captions))[0]
         loss = F.mse_loss(unet(xt, t, cond).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        ema_update(unet_ema, unet, decay)
-        ema_update(te_ema, text_encoder, decay)
+        optimizer_step_with_ema(opt, loss, params, ((unet_ema, unet), (te_ema, text_encoder)), ema_decay, step)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         if log_every and (step + 1) % log_every == 0:
