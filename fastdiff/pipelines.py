@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ from fastdiff.backends.registry import make_runner
 from fastdiff.errors import InvalidInput
 from fastdiff.images import OUTPUT_TYPES
 from fastdiff.loop import GraphCache, check_graph_device, run_loop, split_backend
-from fastdiff.models.folded_guidance import check_limits
+from fastdiff.models.folded_guidance import check_limits_of
 from fastdiff.sample_inputs import Conditioning
 from fastdiff.schedulers import NAMES, Scheduler, StepPlan, from_diffusers, get_scheduler
 
@@ -131,7 +130,7 @@ def pipeline_reasons(pipe: Any, kind: str | None = None) -> list[str]:
 #: for the embedded ``shapes`` model: a 20-step model should not be sampled at diffusers' generic 50 steps / CFG 7.5)
 DEFAULTS_ATTR = "fastdiff_defaults"
 #: the attribute of a pipeline that holds what a distilled student supports (``{"max_inference_steps": 1,
-#: "guidance_scale": [1, 1]}``, :func:`fastdiff.models.folded_guidance.check_limits`); absent / empty: anything
+#: "guidance_scale": [1, 1]}``, :func:`fastdiff.models.folded_guidance.check_limits_of`); absent / empty: anything
 LIMITS_ATTR = "fastdiff_limits"
 
 
@@ -367,8 +366,7 @@ class PipelineSampler:
         g = float(a["guidance_scale"])
         limits = getattr(pipe, LIMITS_ATTR, None)
         if limits:  # a distilled student (``shapes-onestep``): only what it was trained for
-            check_limits(SimpleNamespace(limits=limits, name=getattr(pipe, "fastdiff_name", "this pipeline")),
-                         a["num_inference_steps"], g)
+            check_limits_of(limits, getattr(pipe, "fastdiff_name", "this pipeline"), a["num_inference_steps"], g)
         lcm = getattr(unet_cfg, "time_cond_proj_dim", None) is not None
         do_cfg = g > 1 and not lcm
         pipe._guidance_scale, pipe._guidance_rescale = a["guidance_scale"], a["guidance_rescale"]

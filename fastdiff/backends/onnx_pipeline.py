@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ import torch
 from fastdiff.errors import InvalidInput, ModelConfigError
 from fastdiff.exported.manifest import COMPONENTS, read_manifest
 from fastdiff.exported.session import make_session
-from fastdiff.models.folded_guidance import check_limits
+from fastdiff.models.folded_guidance import check_limits_of
 
 
 class OnnxTextToImage:
@@ -94,8 +93,7 @@ class OnnxTextToImage:
         steps = int(num_inference_steps or self.defaults.get("num_inference_steps", 20))
         guidance = float(self.defaults.get("guidance_scale", 5.0) if guidance_scale is None else guidance_scale)
         if self.manifest.get("limits"):  # a distilled student (shapes-onestep): the steps / guidance it learned
-            check_limits(SimpleNamespace(limits=self.manifest["limits"], name=self.manifest.get("model")), steps,
-                         guidance)
+            check_limits_of(self.manifest["limits"], self.manifest.get("model"), steps, guidance)
         cfg = guidance > 1.0  # the pipeline's do_classifier_free_guidance
         embeds = self.encode(negative + prompts) if cfg else self.encode(prompts)
         scheduler = self._scheduler()

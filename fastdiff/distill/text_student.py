@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import math
 import os
 import platform
 import sys
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from fastdiff._atomic import atomic_write_bytes, check_writable
 from fastdiff._checks import cli_int, cli_number
 from fastdiff.distill.text_triplets import TextTripletSpec
-from fastdiff.distill.train import last_alpha_bar, onestep_scheduler_config
+from fastdiff.distill.train import onestep_scheduler_config, output_x0_at_last_step
 from fastdiff.distill.triplets import load_triplets
 from fastdiff.errors import InvalidInput
 from fastdiff.models.generate import sample_seed
@@ -73,16 +72,13 @@ def student_scheduler_config(teacher_scheduler: dict) -> dict:
 def init_student(unet, text_encoder, teacher_scheduler: dict):
     """Trainable float32 copies of the teacher's ``unet`` / ``text_encoder``; the UNet's output at ``T - 1`` is
     the teacher's one-step x0 estimate (for a v-prediction teacher, ``conv_out`` scaled by ``-sqrt(1 - a_T)``)."""
+    pred = teacher_scheduler.get("prediction_type", "epsilon")
+    if pred not in ("v_prediction", "sample"):
+        raise InvalidInput(f"the one-step student needs a v- or sample-prediction teacher, this one predicts "
+                           f"{pred!r}")
     s_unet = copy.deepcopy(unet).float().train().requires_grad_(True)
     s_text = copy.deepcopy(text_encoder).float().train().requires_grad_(True)
-    if teacher_scheduler.get("prediction_type", "epsilon") == "v_prediction":
-        scale = -math.sqrt(1.0 - last_alpha_bar(teacher_scheduler))
-        with torch.no_grad():
-            s_unet.conv_out.weight.mul_(scale)
-            s_unet.conv_out.bias.mul_(scale)
-    elif teacher_scheduler.get("prediction_type") != "sample":
-        raise InvalidInput(f"the one-step student needs a v- or sample-prediction teacher, this one predicts "
-                           f"{teacher_scheduler.get('prediction_type', 'epsilon')!r}")
+    output_x0_at_last_step(s_unet, teacher_scheduler)
     return s_unet, s_text
 
 

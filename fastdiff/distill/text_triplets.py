@@ -37,6 +37,7 @@ from fastdiff.distill.triplets import (
     save_shard,
 )
 from fastdiff.models.generate import make_noise
+from fastdiff.models.shapes.train_unet import tokenize
 
 #: the scheduler entry of a text triplet spec: the pipeline's own scheduler (``pipe.scheduler``)
 PIPELINE_SCHEDULER = "pipeline"
@@ -60,17 +61,8 @@ def caption_of(caption_seed: int, index: int, p_two: float = 0.5) -> str:
     """The caption of example ``index`` of the ``shapes`` training stream ``caption_seed`` (as
     ``render.example(caption_seed, index, p_two).caption``, without rendering the image)."""
     from fastdiff.models.shapes import render
-    from fastdiff.models.shapes.captions import describe
 
-    rng = render.rng_for(caption_seed, index)
-    scene = render.random_scene(rng, p_two=p_two)
-    return describe(scene.spec, rng)[0]
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids as ``StableDiffusionPipeline.encode_prompt`` makes them (pad to the model length, truncate)."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return render.describe_example(caption_seed, index, p_two)[1]
 
 
 def teacher_latents(sampler, pipe, captions: list[str], noise: torch.Tensor, spec: TextTripletSpec) -> torch.Tensor:

@@ -51,16 +51,21 @@ def last_alpha_bar(scheduler_config: dict) -> float:
     return float(s.alphas_cumprod[-1])
 
 
+def output_x0_at_last_step(unet, scheduler_config: dict) -> None:
+    """For a v-prediction ``scheduler_config``: scale ``unet.conv_out`` in place by ``-sqrt(1 - a_T)``, so that the
+    network's output at ``T - 1`` is its one-step x0 estimate (see the module docstring). Other types: unchanged."""
+    if scheduler_config.get("prediction_type", "epsilon") == "v_prediction":
+        scale = -math.sqrt(1.0 - last_alpha_bar(scheduler_config))
+        with torch.no_grad():
+            unet.conv_out.weight.mul_(scale)
+            unet.conv_out.bias.mul_(scale)
+
+
 def init_student(teacher) -> torch.nn.Module:
     """A trainable copy of ``teacher`` whose output at ``T - 1`` is the teacher's one-step x0 estimate."""
     student = copy.deepcopy(teacher).float().train().requires_grad_(True)
     sched = dict(teacher.scheduler_config)
-    pred = sched.get("prediction_type", "epsilon")
-    if pred == "v_prediction":
-        scale = -math.sqrt(1.0 - last_alpha_bar(sched))
-        with torch.no_grad():
-            student.unet.conv_out.weight.mul_(scale)
-            student.unet.conv_out.bias.mul_(scale)
+    output_x0_at_last_step(student.unet, sched)
     student.scheduler_config = onestep_scheduler_config(sched)
     return student
 

@@ -43,8 +43,13 @@ def folded_guidance_cond(guidance_scale: float, batch: int, embedding_dim: int, 
 def check_limits(model, num_inference_steps: int, guidance_scale: float) -> None:
     """Raise :class:`InvalidInput` when ``model`` (a loaded model folder with ``limits``) is asked for more steps
     or another guidance scale than it was trained for. Models without limits accept anything."""
-    limits = getattr(model, "limits", None) or {}
-    name = getattr(model, "name", "this model")
+    check_limits_of(getattr(model, "limits", None) or {}, getattr(model, "name", "this model"), num_inference_steps,
+                    guidance_scale)
+
+
+def check_limits_of(limits: dict, name, num_inference_steps: int, guidance_scale: float) -> None:
+    """:func:`check_limits` for ``limits`` held elsewhere than on a model (a pipeline attribute, an export
+    manifest); ``name`` names the model in the message."""
     max_steps = limits.get("max_inference_steps")
     if max_steps is not None and num_inference_steps > max_steps:
         raise InvalidInput(f"{name!r} supports at most {max_steps} inference steps, got {num_inference_steps} "

@@ -170,11 +170,17 @@ def random_scene(rng: np.random.Generator, spec: SceneSpec | None = None, p_two:
     return place(complete(spec, rng, p_two), rng)
 
 
-def example(seed: int, index: int, p_two: float = 0.5) -> Example:
-    """Example ``index`` of the dataset ``seed``: a random scene, its image and a random caption of it."""
+def describe_example(seed: int, index: int, p_two: float = 0.5):
+    """Example ``index`` of the dataset ``seed`` before rendering: ``(scene, caption, stated)``."""
     rng = rng_for(seed, index)
     scene = random_scene(rng, p_two=p_two)
     text, stated = describe(scene.spec, rng)
+    return scene, text, stated
+
+
+def example(seed: int, index: int, p_two: float = 0.5) -> Example:
+    """Example ``index`` of the dataset ``seed``: a random scene, its image and a random caption of it."""
+    scene, text, stated = describe_example(seed, index, p_two)
     return Example(render(scene), scene, text, stated)
 
 
