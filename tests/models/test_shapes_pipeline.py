@@ -151,9 +151,29 @@ def test_damaged_or_replaced_weights_are_refused(tmp_path, tiny_dir):
 def test_a_pipeline_trained_on_another_vae_is_refused(tmp_path, tiny_dir, monkeypatch):
     other = tmp_path / "other_vae.safetensors"
     other.write_bytes(b"another VAE")
-    monkeypatch.setattr(P, "_vae_weights", lambda: other)
+    monkeypatch.setattr(P, "_vae_weights", lambda path: other)
     with pytest.raises(ModelNotFound, match="not the one this pipeline was trained on"):
         load_pipeline(tiny_dir)
+
+
+def test_a_pipeline_with_its_own_vae_decodes_with_it(tmp_path, tiny_dir):
+    import shutil
+
+    from fastdiff.models.shapes.train_vae import VAE_DIR
+
+    d = tmp_path / "own"
+    shutil.copytree(tiny_dir, d)
+    shutil.copytree(VAE_DIR, d / "vae")
+    with pytest.raises(ModelNotFound, match="not the one"):  # the same bytes would pass: recorded is what counts
+        (d / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+        load_pipeline(d)
+    shutil.rmtree(d / "vae")
+    shutil.copytree(VAE_DIR, d / "vae")
+    assert P.vae_dir(d) == d / "vae" and P.vae_dir(tiny_dir) == VAE_DIR
+    load_pipeline(d)  # the copy's bytes are the shipped VAE's, which the manifest records
+    (d / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelNotFound, match="missing"):
+        load_pipeline(d)
 
 
 def test_shipped_pipeline_loads_within_the_size_budget():
@@ -186,6 +206,30 @@ def test_training_resumes_bit_for_bit(tmp_path):
         train_unet.train(steps=2, out=tmp_path / "empty", resume=True, **common)
     with pytest.raises(InvalidInput, match="more --steps"):
         train_unet.train(steps=4, out=tmp_path / "part", resume=True, **common)
+
+
+def test_training_on_another_vae_ships_it_with_the_pipeline(tmp_path):
+    import shutil
+
+    from fastdiff.models.shapes import train_unet, train_vae
+
+    vae = tmp_path / "vae_run"
+    shutil.copytree(train_vae.VAE_DIR, vae)
+    common = dict(batch_size=2, seed=4, progress=False, log_every=0, unet_config=TINY_UNET,
+                  text_config=TINY_SHAPES_TEXT)
+    with pytest.raises(InvalidInput, match="not a VAE folder"):
+        train_unet.train(steps=1, out=tmp_path / "bad", vae=tmp_path, **common)
+    train_unet.train(steps=1, out=tmp_path / "run", save_every=0, vae=vae, **common)
+    out = tmp_path / "run"
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (vae / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert P.vae_dir(out) == out / "vae" and load_pipeline(out).vae.config.scaling_factor > 0
+    with pytest.raises(InvalidInput, match="holds its own VAE"):  # no --vae: it would learn the shipped one
+        train_unet.train(steps=2, out=out, resume=True, **common)
+    train_vae.save_vae(train_vae.build_vae(seed=1), tmp_path / "other", {})  # a different (random) VAE
+    with pytest.raises(InvalidInput, match="another VAE"):
+        train_unet.train(steps=2, out=out, resume=True, vae=tmp_path / "other", **common)
+    train_unet.train(steps=2, out=out, resume=True, vae=out / "vae", **common)  # its own copy resumes
 
 
 def test_training_data_is_what_the_pipeline_sees():

@@ -137,10 +137,17 @@ MANIFEST_FORMAT = "fastdiff.shapes_pipeline"
 WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
 
 
-def _vae_weights() -> Path:
+def vae_dir(path: str | os.PathLike) -> Path:
+    """The VAE a pipeline folder decodes with: its own ``vae/`` when it has one (a pipeline trained with
+    ``train shapes --vae DIR`` carries a copy of that VAE), else the shipped ``weights/shapes-vae``."""
     from fastdiff.models.shapes.train_vae import VAE_DIR
 
-    return VAE_DIR / "diffusion_pytorch_model.safetensors"
+    own = Path(path) / "vae"
+    return own if (own / "config.json").is_file() else VAE_DIR
+
+
+def _vae_weights(path: str | os.PathLike) -> Path:
+    return vae_dir(path) / "diffusion_pytorch_model.safetensors"
 
 
 def write_manifest(path: str | os.PathLike) -> Path:
@@ -148,13 +155,13 @@ def write_manifest(path: str | os.PathLike) -> Path:
     trained on (a UNet learned one VAE's latent space: another VAE would decode it wrongly)."""
     path = Path(path)
     manifest = {"format": MANIFEST_FORMAT, "files": {f: sha256_file(path / f) for f in WEIGHT_FILES},
-                "vae_sha256": sha256_file(_vae_weights())}
+                "vae_sha256": sha256_file(_vae_weights(path))}
     return atomic_write_bytes(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def verify(path: str | os.PathLike) -> None:
-    """Check the folder's weights (and the shipped VAE) against its manifest: :class:`ModelNotFound` when a file
-    is missing, damaged or replaced, :class:`ModelConfigError` when the manifest is not one."""
+    """Check the folder's weights (and its VAE, :func:`vae_dir`) against its manifest: :class:`ModelNotFound` when
+    a file is missing, damaged or replaced, :class:`ModelConfigError` when the manifest is not one."""
     path = Path(path)
     _require(path)
     hint = "retrain with `python -m fastdiff train shapes` (or reinstall fastdiff for the shipped model)"
@@ -163,9 +170,10 @@ def verify(path: str | os.PathLike) -> None:
         if sha256_file(path / name) != want:
             raise ModelNotFound(f"{path / name} does not match the sha256 its manifest records: damaged or "
                                 f"replaced; {hint}")
-    if sha256_file(_vae_weights()) != manifest.get("vae_sha256"):
-        raise ModelNotFound(f"the shipped shapes VAE ({_vae_weights()}) is not the one this pipeline was trained "
-                            f"on (sha256 differs): its latents would decode wrongly; {hint}")
+    vae = _vae_weights(path)
+    if not vae.is_file() or sha256_file(vae) != manifest.get("vae_sha256"):
+        raise ModelNotFound(f"the shapes VAE {vae} is not the one this pipeline was trained on (missing, or its "
+                            f"sha256 differs): its latents would decode wrongly; {hint}")
 
 
 def _require(path: Path) -> None:
@@ -186,8 +194,8 @@ def metadata(path: str | os.PathLike = PIPELINE_DIR) -> dict:
 def load_pipeline(path: str | os.PathLike = PIPELINE_DIR, dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu"):
     """The ``shapes`` model as a ``diffusers.StableDiffusionPipeline`` (no safety checker, no download), its
-    modules in ``dtype`` on ``device``: the shipped VAE and tokenizer with the UNet and text encoder of ``path``
-    (default: the shipped ones)."""
+    modules in ``dtype`` on ``device``: the shipped tokenizer with the UNet, text encoder and VAE
+    (:func:`vae_dir`) of ``path`` (default: the shipped ones)."""
     try:  # first: diffusers' pipeline classes import it too, with a less helpful error
         import transformers
     except ImportError as e:  # a dependency of fastdiff; missing only after an install with --no-deps
@@ -196,7 +204,6 @@ def load_pipeline(path: str | os.PathLike = PIPELINE_DIR, dtype: torch.dtype = t
     import diffusers
 
     from fastdiff.models.shapes.tokenizer import load_tokenizer
-    from fastdiff.models.shapes.train_vae import VAE_DIR
 
     path = Path(path)
     verify(path)
@@ -212,7 +219,7 @@ def load_pipeline(path: str | os.PathLike = PIPELINE_DIR, dtype: torch.dtype = t
         from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        vae = AutoencoderKL.from_pretrained(VAE_DIR, torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(vae_dir(path), torch_dtype=dtype, local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype, local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, local_files_only=True)
     finally:

@@ -1,13 +1,14 @@
 """Train the ``shapes`` text-to-image model: ``python -m fastdiff train shapes [--steps N] [--out DIR] [--resume]``.
 
 The UNet and the text encoder of :mod:`fastdiff.models.shapes.pipeline` learn together by the diffusion loss on
-the shipped VAE's latents (the VAE and tokenizer stay frozen): v-prediction over the cosine schedule (the digits
-recipe), the caption replaced by the empty prompt ``caption_dropout`` (10 %) of the time so the same networks learn
-the unconditional model for classifier-free guidance. Data: fresh renders every step, example ``i`` from
-``render.example(seed, i)`` (a random scene, a random wording that may leave size or position out), tokenized
-as ``StableDiffusionPipeline`` tokenizes prompts (padding to 24 tokens, truncation, no attention mask), so the
-pipeline sees at sampling time exactly what training saw. AdamW, warm-up + cosine learning rate, gradient
-clipping, an exponential moving average of both networks' weights: the EMA is what gets saved.
+a VAE's latents (the shipped one, or ``--vae DIR``; the VAE and tokenizer stay frozen): v-prediction over the
+cosine schedule (the digits recipe), the caption replaced by the empty prompt ``caption_dropout`` (10 %) of the
+time so the same networks learn the unconditional model for classifier-free guidance. Data: fresh renders every
+step, example ``i`` from ``render.example(seed, i)`` (a random scene, a random wording that may leave size or
+position out), tokenized as ``StableDiffusionPipeline`` tokenizes prompts (padding to 24 tokens, truncation, no
+attention mask), so the pipeline sees at sampling time exactly what training saw. AdamW, warm-up + cosine
+learning rate, gradient clipping, an exponential moving average of both networks' weights: the EMA is what gets
+saved.
 
 Resumable: every ``--save-every`` steps a checkpoint (both networks, their EMAs, the optimizer, the step and the
 generator state) is written atomically to ``OUT/checkpoint.pt``; ``--resume`` continues from it bit-for-bit with
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastdiff._atomic import atomic_write_bytes, check_writable
+from fastdiff._atomic import atomic_write_bytes, check_writable, sha256_file
 from fastdiff._checks import cli_int, cli_number
 from fastdiff.errors import InvalidInput
 from fastdiff.models.shapes import pipeline as P
@@ -43,13 +44,13 @@ class LatentData:
     """The training stream: ``(latents (B, 4, 16, 16) scaled by the VAE's scaling_factor, captions)`` of examples
     ``start .. start + B - 1`` of dataset ``seed``. The VAE encodes deterministically (the posterior's mode)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, vae: str | os.PathLike | None = None):
         from diffusers import AutoencoderKL
 
         from fastdiff.models.shapes.train_vae import VAE_DIR
 
         self.seed = seed
-        self.vae = AutoencoderKL.from_pretrained(VAE_DIR, torch_dtype=torch.float32).eval().requires_grad_(False)
+        self.vae = AutoencoderKL.from_pretrained(vae or VAE_DIR, torch_dtype=torch.float32).eval().requires_grad_(False)
         self.scale = float(self.vae.config.scaling_factor)
 
     @torch.no_grad()
@@ -65,6 +66,25 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+def _check_vae(vae: str | os.PathLike | None, out: Path) -> str:
+    """The sha256 of the VAE the UNet will learn (``vae`` or the shipped one), before any training: a folder
+    that is not a VAE's is an ``InvalidInput`` now, not after an hour."""
+    from fastdiff.models.shapes.train_vae import VAE_DIR
+
+    folder = Path(vae) if vae is not None else VAE_DIR
+    missing = [n for n in VAE_FILES if not (folder / n).is_file()]
+    if missing:
+        raise InvalidInput(f"--vae {folder}: not a VAE folder (lacks {', '.join(missing)}); make one with "
+                           "`python -m fastdiff train shapes-vae --out DIR`")
+    if vae is None and (out / "vae" / "config.json").is_file():
+        raise InvalidInput(f"{out} holds its own VAE ({out / 'vae'}) that this run would not learn: pass "
+                           f"--vae {out / 'vae'}, or another --out")
+    return sha256_file(folder / "diffusion_pytorch_model.safetensors")
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -74,9 +94,11 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int = 0, caption_dropout: float = 0.1,
           ema_decay: float = 0.999, out: str | os.PathLike | None = None, resume: bool = False,
           save_every: int = 250, progress: bool = True, log_every: int = 100, command: str | None = None,
-          unet_config: dict | None = None, text_config: dict | None = None):
+          unet_config: dict | None = None, text_config: dict | None = None, vae: str | os.PathLike | None = None):
     """Train (or resume) the UNet and text encoder; write the EMA weights to ``out`` (default: the package's
-    ``weights/shapes``) with :func:`pipeline.save_components`. ``unet_config`` / ``text_config``: other
+    ``weights/shapes``) with :func:`pipeline.save_components`. ``vae``: a VAE folder (``train shapes-vae --out
+    DIR``) to learn the latent space of instead of the shipped one; it is copied to ``out/vae`` so that ``out`` is
+    a whole pipeline (:func:`pipeline.load_pipeline` decodes with it). ``unet_config`` / ``text_config``: other
     architectures than the pipeline's (tests use tiny ones). Returns ``(unet_ema, text_encoder_ema, metadata)``."""
     from tqdm.auto import tqdm
 
@@ -85,8 +107,9 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     ckpt = out / CHECKPOINT
     if resume and not ckpt.is_file():
         raise InvalidInput(f"--resume: there is no checkpoint {ckpt} to resume from")
+    vae_sha = _check_vae(vae, out)
     tokenizer, _ = P._tokenizer_ids()
-    data = LatentData(seed)
+    data = LatentData(seed, vae)
     unet, text_encoder = P.build_unet(seed, unet_config), P.build_text_encoder(seed, text_config)
     unet_ema = copy.deepcopy(unet).eval().requires_grad_(False)
     te_ema = copy.deepcopy(text_encoder).eval().requires_grad_(False)
@@ -97,11 +120,14 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     meta = {"command": command or "python -m fastdiff.models.shapes.train_unet " + " ".join(sys.argv[1:]),
             "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "caption_dropout": caption_dropout,
             "ema_decay": ema_decay, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": f"{platform.machine()} {os.cpu_count()} cores"}
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "vae_sha256": vae_sha}
     if resume:
         state = torch.load(ckpt, weights_only=False)
         if state.get("format") != "fastdiff.shapes_unet_checkpoint":
             raise InvalidInput(f"{ckpt} is not a checkpoint of `train shapes` (another trainer's?)")
+        if state["meta"].get("vae_sha256", vae_sha) != vae_sha:
+            raise InvalidInput(f"--resume: {ckpt} was trained on another VAE (sha256 differs); resume with the "
+                               "same --vae, or start a new --out")
         for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (unet_ema, "unet_ema"),
                             (te_ema, "text_encoder_ema")):
             module.load_state_dict(state[key])
@@ -145,6 +171,9 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
                 "generator": g.get_state(), "meta": {**meta, "wall_s": spent + time.time() - t0}})
     meta["wall_s"] = round(spent + time.time() - t0, 1)
     meta["final_loss_ema"] = None if avg is None else round(avg, 5)
+    if vae is not None and Path(vae).resolve() != (out / "vae").resolve():
+        for name in VAE_FILES:  # the VAE first: save_components' manifest records the sha256 of out/vae
+            atomic_write_bytes(out / "vae" / name, (Path(vae) / name).read_bytes())
     P.save_components(unet_ema, te_ema, out, meta)
     _save_checkpoint(ckpt, {
         "format": "fastdiff.shapes_unet_checkpoint", "unet": unet.state_dict(),
@@ -167,6 +196,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--threads", type=cli_int(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output folder (default: the package's weights/shapes)")
+    p.add_argument("--vae", default=None, help="a VAE folder from `train shapes-vae --out DIR` to learn the latents "
+                   "of (default: the shipped one); copied to OUT/vae")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -175,7 +206,7 @@ def run(a: argparse.Namespace, command: str | None = None) -> int:
         torch.set_num_threads(a.threads)
     train(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, caption_dropout=a.caption_dropout,
           ema_decay=a.ema_decay, out=a.out, resume=a.resume, save_every=a.save_every, progress=not a.no_progress,
-          command=command)
+          command=command, vae=a.vae)
     return 0
 
 
