@@ -8,7 +8,9 @@ steps, digits-onestep, digits-coalescer at 1 / 2 steps and adaptive, digits-cons
 ``--extra-model DIR[:1,2,4]``.
 ``--model shapes`` judges the text-to-image pipeline's prompt adherence instead (:mod:`fastdiff.quality.shapes_eval`:
 fractions of one- and two-object prompts fully correct, FD in the shapes judge's features; ``--sweep`` over
-``--guidance-list``). Needs scikit-learn (and matplotlib for the plot): ``pip install fastdiff[digits]``.
+``--guidance-list``; ``--compare`` the fast-model methods of shapes on one table, compare_shapes.md / .json / .png:
+teacher 5 / 10 / 20 steps, shapes-onestep, and shapes-consistency / shapes-coalescer where shipped).
+Needs scikit-learn (and matplotlib for the plot): ``pip install fastdiff[digits]``.
 """
 
 from __future__ import annotations
@@ -174,14 +176,17 @@ def _run_shapes(args: argparse.Namespace) -> int:
     ``--sweep`` over guidance scales (``--guidance-list``), writing shapes_sweep.md / .json / .png to ``--out``."""
     from fastdiff.quality import shapes_eval as E
 
-    for flag, given in (("--compare", args.compare), ("--compile", args.compile), ("--scheduler", args.scheduler),
-                        ("--extra-model", args.extra_model)):
+    for flag, given in (("--compile", args.compile), ("--scheduler", args.scheduler),
+                        ("--extra-model", args.extra_model and not args.compare)):
         if given:
             raise InvalidInput(f"{flag} is for the digits models; `eval --model {args.model}` takes --steps, "
-                               "--guidance, --sweep [--guidance-list], --backend, --json, --out")
+                               "--guidance, --sweep [--guidance-list], --compare [--extra-model DIR[:STEPS]], "
+                               "--backend, --json, --out")
     device = resolve_device(args.device)
     seeds = tuple(range(args.num_seeds)) if args.num_seeds else None
-    if args.sweep:
+    if args.compare:
+        results = _run_shapes_compare(args, seeds)
+    elif args.sweep:
         out = check_writable(args.out, "dir", what="--out", must_exist=True)
         results = E.sweep(args.model, args.guidance_list, args.steps, seeds, backend=args.backend, device=device)
         command = (f"python -m fastdiff eval --model {args.model} --sweep --guidance-list "
@@ -201,3 +206,34 @@ def _run_shapes(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps([r.as_dict() for r in results], indent=1) + "\n")
     return 0
+
+
+def _run_shapes_compare(args: argparse.Namespace, seeds) -> list:
+    """``--compare --model shapes``: inputs checked (output folder, extra pipeline folders, matplotlib) before
+    minutes of sampling."""
+    from fastdiff.quality import shapes_compare as SC
+
+    if args.model != SC.TEACHER:
+        raise InvalidInput(f"--compare measures the shapes methods against the teacher 'shapes'; pass another "
+                           f"pipeline folder as --extra-model {args.model}[:STEPS] instead of --model")
+    for flag, given in (("--steps", args.steps), ("--guidance", args.guidance)):
+        if given is not None:
+            raise InvalidInput(f"{flag} does not combine with --compare: every row runs at its own settings")
+    out = check_writable(args.out, "dir", what="--out", must_exist=True)
+    extra = [SC.parse_extra_pipeline(e) for e in args.extra_model]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InvalidInput("--compare draws a plot: install matplotlib (pip install 'fastdiff[digits]')") from None
+    rows = SC.compare(SC.default_jobs(extra, args.adaptive_threshold), seeds=seeds)
+    command = ("python -m fastdiff eval --compare --model shapes"
+               + (f" --num-seeds {args.num_seeds}" if args.num_seeds else "")
+               + (f" --adaptive-threshold {args.adaptive_threshold:g}" if args.adaptive_threshold is not None else "")
+               + "".join(f" --extra-model {e}" for e in args.extra_model))
+    paths = SC.write_results(rows, out, note=f"Command: `{command}`. Same prompts (the judge's 111) and seeds for "
+                             "every row; network calls per image counted (a CFG batch counts 2 per image per step); "
+                             "training wall time: each model's recorded training (+ the data made for it; the "
+                             "shared VAE not counted; \"-\": not recorded).")
+    print(SC.format_table(rows))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return rows
