@@ -46,19 +46,24 @@ class CompareJob:
     adaptive: float | None = None
 
 
+def split_model_steps(text: str, default_steps, example: str) -> tuple[str, list[int]]:
+    """``"DIR"`` or ``"DIR:1,2,4"`` -> (DIR, step counts; ``default_steps`` when none are named); a count that is
+    not a whole number >= 1 is an InvalidInput naming ``example``."""
+    path, sep, steps_text = text.rpartition(":") if ":" in text else (text, "", "")
+    if not sep:
+        return path, list(default_steps)
+    parts = [v.strip() for v in steps_text.split(",")]
+    if not all(v.isdigit() and int(v) >= 1 for v in parts):
+        raise InvalidInput(f"--extra-model {text!r}: the steps after ':' must be whole numbers >= 1 separated "
+                           f"by commas, e.g. {example}")
+    return path, [int(v) for v in parts]
+
+
 def parse_extra_model(text: str) -> tuple[str, list[int]]:
     """``"DIR"`` or ``"DIR:1,2,4"`` -> (DIR, step counts); the folder must exist (checked before any work)."""
     from fastdiff.models.registry import read_config
 
-    path, sep, steps_text = text.rpartition(":") if ":" in text else (text, "", "")
-    if not sep:
-        steps = list(EXTRA_STEPS)
-    else:
-        parts = [v.strip() for v in steps_text.split(",")]
-        if not all(v.isdigit() and int(v) >= 1 for v in parts):
-            raise InvalidInput(f"--extra-model {text!r}: the steps after ':' must be whole numbers >= 1 separated "
-                               "by commas, e.g. runs/digits-consistency:1,2,4")
-        steps = [int(v) for v in parts]
+    path, steps = split_model_steps(text, EXTRA_STEPS, "runs/digits-consistency:1,2,4")
     read_config(path)  # ModelNotFound (one line) for a missing folder or config, before minutes of sampling
     return path, steps
 

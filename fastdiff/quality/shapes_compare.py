@@ -100,16 +100,9 @@ def parse_extra_pipeline(text: str) -> tuple[str, list[int]]:
     """``"DIR"`` or ``"DIR:1,2,4"`` -> (DIR, step counts); the folder must be a pipeline (checked before any
     sampling: minutes)."""
     from fastdiff.models.shapes.pipeline import verify
+    from fastdiff.quality.compare import split_model_steps
 
-    path, sep, steps_text = text.rpartition(":") if ":" in text else (text, "", "")
-    if not sep:
-        steps = list(EXTRA_STEPS)
-    else:
-        parts = [v.strip() for v in steps_text.split(",")]
-        if not all(v.isdigit() and int(v) >= 1 for v in parts):
-            raise InvalidInput(f"--extra-model {text!r}: the steps after ':' must be whole numbers >= 1 separated "
-                               "by commas, e.g. runs/shapes-consistency:1,2,4")
-        steps = [int(v) for v in parts]
+    path, steps = split_model_steps(text, EXTRA_STEPS, "runs/shapes-consistency:1,2,4")
     verify(path)  # ModelNotFound (one line) for a missing or damaged pipeline folder
     return path, steps
 

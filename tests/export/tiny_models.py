@@ -134,6 +134,15 @@ TINY_SHAPES_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_laye
                     "projection_dim": 16, "max_position_embeddings": 24}
 
 
+def tiny_shapes_unet_config() -> dict:
+    """The smallest shapes UNet the tests use: one cross-attention block of 8 channels over the shipped layout."""
+    from fastdiff.models.shapes import pipeline as P
+
+    return {**P.UNET_CONFIG, "block_out_channels": [8], "norm_num_groups": 4, "attention_head_dim": 4,
+            "cross_attention_dim": 16, "down_block_types": ["CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D"]}
+
+
 def tiny_shapes_pipeline(directory, unet_config: dict, text_config: dict | None = None):
     """Write a randomly initialised shapes pipeline folder (``unet_config``'s UNet, a tiny text encoder, the shipped
     VAE and tokenizer) with the trainer's own ``save_components``; returns the folder."""

@@ -14,18 +14,15 @@ import pytest
 import torch
 
 from fastdiff.errors import InvalidInput, ModelNotFound
-from fastdiff.models.shapes import pipeline as P
 from fastdiff.quality import shapes_compare as SC
-from tests.export.tiny_models import tiny_shapes_pipeline
+from tests.export.tiny_models import tiny_shapes_pipeline, tiny_shapes_unet_config
 
-TINY_UNET = {**P.UNET_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 4,
-             "cross_attention_dim": 16}
 PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return tiny_shapes_pipeline(tmp_path_factory.mktemp("shapes_tiny"), TINY_UNET)
+    return tiny_shapes_pipeline(tmp_path_factory.mktemp("shapes_tiny"), tiny_shapes_unet_config())
 
 
 def test_rows_count_calls_and_match_a_direct_evaluation(tiny_dir):
