@@ -88,7 +88,16 @@ def sample(model=None, scheduler=None, backend: str = "auto", device=None, dtype
 
     ``kwargs`` are :meth:`UNetSampler.sample`'s (``num_inference_steps``, ``guidance_scale``,
     ``encoder_hidden_states``, ``class_labels``, ``eta``, ...) or, for a pipeline, its ``__call__``'s
-    (``prompt``, ...)."""
+    (``prompt``, ...); for a text coalescer (``"shapes-coalescer"``) those of
+    :func:`fastdiff.distill.text_coalescer.sample_prompts` (``prompt``, ``num_inference_steps``, ...)."""
+    from fastdiff.models.text_coalescer_net import is_text_coalescer
+
+    if is_text_coalescer(model):  # prompts to images in 1 or 2 network steps: no scheduler, no UNet loop
+        from fastdiff.models.text_coalescer import sample_prompts
+
+        options = {"scheduler": scheduler, "device": device, "dtype": dtype, "cuda_graph": cuda_graph,
+                   "compile": compile, "backend": None if backend == "auto" else backend}
+        return sample_prompts(model, options=options, **kwargs)
     sampler = _build(model, scheduler=scheduler, backend=backend, device=device, dtype=dtype, cuda_graph=cuda_graph,
                      compile=compile)
     return sampler.sample(**kwargs)

@@ -71,7 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mode.add_argument("--compare", action="store_true",
                       help="one table of the fast-model methods (teacher, one-step student, coalescer, extras)")
     p.add_argument("--adaptive-threshold", type=cli_number(0.0), default=None,
-                   help="with --compare: confidence at which an adaptive coalescer sample stops (default 0.998)")
+                   help="with --compare: confidence at which an adaptive coalescer sample stops (default 0.998); "
+                        "with a text coalescer (shapes-coalescer): its adaptive step count (default: fixed steps)")
     p.add_argument("--schedulers", default="dpmpp_2m,ddim,euler,unipc")
     p.add_argument("--steps-list", type=_steps_list, default="5,10,20,50")
     p.add_argument("--extra-model", action="append", default=[],
@@ -94,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:  # checked before the evaluation (minutes), so a bad path cannot lose its results
         check_writable(args.json, "file", what="--json")
+    from fastdiff.models.text_coalescer_net import is_text_coalescer
+
+    if is_text_coalescer(args.model):
+        return _run_text_coalescer(args)
     if is_pipeline_model(args.model):
         return _run_shapes(args)
     common = dict(num_per_class=args.num_per_class, seed=args.seed, backend=args.backend)
@@ -205,6 +210,27 @@ def _run_shapes(args: argparse.Namespace) -> int:
         print(f"goals: {verdict}; machine: {r.device}")
     if args.json:
         atomic_write_text(args.json, json.dumps([r.as_dict() for r in results], indent=1) + "\n")
+    return 0
+
+
+def _run_text_coalescer(args: argparse.Namespace) -> int:
+    """``--model shapes-coalescer`` (or a text coalescer folder): the shapes judge on its samples (1 or 2 steps,
+    ``--adaptive-threshold`` for the adaptive step count); the mean steps taken are printed with the table."""
+    from fastdiff.distill.text_coalescer import evaluate
+    from fastdiff.quality import shapes_eval as E
+
+    for flag, given in (("--compare", args.compare), ("--sweep", args.sweep), ("--compile", args.compile),
+                        ("--scheduler", args.scheduler), ("--extra-model", args.extra_model)):
+        if given:
+            raise InvalidInput(f"{flag} is not for a text coalescer; `eval --model {args.model}` takes --steps, "
+                               "--guidance, --adaptive-threshold, --num-seeds, --json")
+    seeds = tuple(range(args.num_seeds)) if args.num_seeds else None
+    r, mean_steps = evaluate(args.model, args.steps, args.guidance, args.adaptive_threshold, seeds=seeds)
+    print(E.format_table([r]))
+    calls = mean_steps * (1 if r.guidance == 1 else 2)  # a guided step evaluates the network twice
+    print(f"mean steps per image {mean_steps:.2f}; network calls per image {calls:.2f}; machine: {r.device}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps([{**r.as_dict(), "mean_steps": mean_steps}], indent=1) + "\n")
     return 0
 
 

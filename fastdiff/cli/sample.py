@@ -216,13 +216,45 @@ def _run_prompts(args: argparse.Namespace, out: Path) -> int:
     for p in prompts:
         if len(p) > 1000:
             raise InvalidInput(f"--prompt is {len(p)} characters long; the tokenizer keeps 24 tokens: shorten it")
-    pipe = load_pipeline(args.model, device=resolve_device(args.device))
     rows = args.num_per_prompt or 2
+    from fastdiff.models.text_coalescer_net import is_text_coalescer
+
+    if is_text_coalescer(args.model):
+        return _run_text_coalescer(args, out, prompts, rows)
+    pipe = load_pipeline(args.model, device=resolve_device(args.device))
     images, sampler, steps, g = draw_prompts(pipe, prompts, rows, args.seed, args.steps, args.guidance,
                                              args.backend, args.negative_prompt, args.scheduler,
                                              progress=not args.no_progress)
     name = args.model if isinstance(args.model, str) and "/" not in args.model else "shapes"
     title = f"{name}: {getattr(sampler.scheduler, 'name', '?')} {steps} steps, CFG {g:g}, seed {args.seed}"
+    save_image(prompt_grid(images, prompts, rows, cell=args.cell or 128, title=title), out)
+    print(f"wrote {out} ({len(images)} images; {title})")
+    return 0
+
+
+def _run_text_coalescer(args: argparse.Namespace, out: Path, prompts: list[str], rows: int) -> int:
+    """``--model shapes-coalescer``: the same noise as a pipeline's grid (``draw_prompts``), 1-2 coalescer steps."""
+    from PIL import Image
+
+    from fastdiff.models.generate import LABEL_STRIDE, SAMPLE_STREAM, make_noise, stream_seed
+    from fastdiff.models.text_coalescer import encoder, load, sample_latents
+
+    for flag, given in (("--negative-prompt", args.negative_prompt), ("--scheduler", args.scheduler),
+                        ("--backend", args.backend != "auto"),
+                        ("--device", args.device not in (None, "auto", "cpu"))):
+        if given:
+            raise InvalidInput(f"{flag} does not apply to a text coalescer ({args.model}); it takes --prompt, "
+                               "--num-per-prompt, --steps, --guidance, --seed")
+    m = load(args.model)
+    steps = int(args.steps if args.steps is not None else m.defaults.get("num_inference_steps", 1))
+    g = float(args.guidance if args.guidance is not None else m.defaults.get("guidance_scale", 1.0))
+    ids = [i * LABEL_STRIDE + j for i in range(len(prompts)) for j in range(rows)]
+    noise = make_noise(stream_seed(args.seed, SAMPLE_STREAM), ids, (4, 16, 16))
+    enc = encoder()
+    latents, _ = sample_latents(m, enc.embed(prompts).repeat_interleave(rows, dim=0), noise, steps, g)
+    arr = enc.decode(latents).permute(0, 2, 3, 1).numpy()
+    images = [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
+    title = f"{m.name}: coalescer {steps} steps, CFG {g:g}, seed {args.seed}"
     save_image(prompt_grid(images, prompts, rows, cell=args.cell or 128, title=title), out)
     print(f"wrote {out} ({len(images)} images; {title})")
     return 0
@@ -235,7 +267,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         digits_only = args.labels is not None or args.num_per_label is not None
         args.model = DIGITS_MODEL if digits_only else DEFAULT_MODEL
-    text_to_image = is_pipeline_model(args.model)
+    from fastdiff.models.text_coalescer_net import is_text_coalescer
+
+    text_to_image = is_pipeline_model(args.model) or is_text_coalescer(args.model)
     if args.prompt and not text_to_image:
         raise InvalidInput(f"--prompt needs a text-to-image model (--model shapes); {args.model!r} draws labels")
     if not text_to_image and (args.num_per_prompt is not None or args.negative_prompt is not None):

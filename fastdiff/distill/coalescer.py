@@ -35,16 +35,20 @@ import torch
 
 from fastdiff._atomic import atomic_write_bytes, check_writable
 from fastdiff.errors import InvalidInput
-from fastdiff.models.coalescer_net import (
+from fastdiff.models.coalescer_net import (  # generate / guided_target: re-exported, they were defined here
     NORM_FLOOR,
     CoalescerConfig,
     CoalescerModel,
     CoalescerNet,
     check_steps,
-    coalesce_step,
+    generate,
+    guided_target,
     save_coalescer,
 )
 from fastdiff.models.train_digits import ema_update
+
+__all__ = ["CoalescerTrainSpec", "coalescer_loss", "build_model", "load_checkpoint", "train_coalescer", "generate",
+           "guided_target"]
 
 OBJECTIVE = "coalescer"
 #: smoothing of the direction loss's sqrt at 0 (see the module docstring)
@@ -106,10 +110,11 @@ def build_model(spec: CoalescerTrainSpec, latent_shape, num_classes: int, name: 
     return CoalescerModel(CoalescerNet(cfg), num_classes, name=name)
 
 
-def _save_checkpoint(path: Path, spec, step, model, ema, opt, gen, avg) -> None:
+def _save_checkpoint(path: Path, spec, step, model, ema, opt, gen, avg, wall_s: float = 0.0) -> None:
     buf = io.BytesIO()
     torch.save({"objective": OBJECTIVE, "spec": asdict(spec), "step": step, "model": model.state_dict(),
-                "ema": ema.state_dict(), "opt": opt.state_dict(), "generator": gen.get_state(), "avg": avg}, buf)
+                "ema": ema.state_dict(), "opt": opt.state_dict(), "generator": gen.get_state(), "avg": avg,
+                "wall_s": wall_s}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -138,31 +143,35 @@ def _lr_at(step: int, total: int, lr: float) -> float:
 def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSpec, *, checkpoint=None,
                     save_every: int = 500, name: str = "digits-coalescer", progress: bool = True,
                     log_every: int = 250, stop_after: int | None = None, metadata: dict | None = None,
-                    defaults: dict | None = None):
+                    defaults: dict | None = None, build=None, save=None):
     """Train on a loaded :class:`~fastdiff.distill.coalescer_index.CoalescerIndex`; save the EMA model to ``out``.
 
     ``checkpoint``: a file path; resumed from when it exists (same spec), written every ``save_every`` steps.
     ``stop_after`` (testing): return after that many steps of this call, as a killed job would (no final save).
     ``defaults``: the sampling defaults stored with the model (scheduler, num_inference_steps, guidance_scale).
-    Returns the EMA model.
+    The index supplies the conditions (``index.conditions(pick, drop)``: the pairs' conditions, the null one where
+    ``drop``) and the lookup (``index.nearest(conditions, points)``), so one loop trains label and text coalescers;
+    ``build(spec, latent_shape)`` makes the model (default: a label model, :func:`build_model`) and
+    ``save(model, out, metadata, defaults)`` writes it (default :func:`save_coalescer`). The metadata records
+    ``wall_s_train``: training wall time summed over resumed runs. Returns the EMA model.
     """
     from tqdm.auto import tqdm
 
     spec.check()
     if out is not None:
         check_writable(out, "dir", what="--out")
-    latents, labels = index.latents.float(), index.labels.long()
-    n, k = latents.shape[0], index.num_classes
+    latents = index.latents.float()
+    n = latents.shape[0]
     shape = tuple(latents.shape[1:])
     dw = spec.distance_weight if spec.distance_weight is not None else 1.0 / latents[0].numel()
     torch.manual_seed(spec.seed)
-    model = build_model(spec, shape, k, name).train()
+    model = (build(spec, shape) if build is not None else build_model(spec, shape, index.num_classes, name)).train()
     if defaults is not None:  # a default the model cannot sample with is refused before training, not after
         check_steps(model, defaults.get("num_inference_steps", 1))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(spec.seed)
-    start, avg = 0, None
+    start, avg, spent = 0, None, 0.0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None:
         check_writable(ckpt, "file", what="--checkpoint")
@@ -172,7 +181,7 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
             ema.load_state_dict(ck["ema"])
             opt.load_state_dict(ck["opt"])
             gen.set_state(ck["generator"])
-            start, avg = int(ck["step"]), ck["avg"]
+            start, avg, spent = int(ck["step"]), ck["avg"], float(ck.get("wall_s", 0.0))
             print(f"resuming from {ckpt} at step {start}", flush=True)  # also without progress: it changes the run
     t0 = time.time()
     parts = {}
@@ -180,8 +189,7 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
                disable=not progress, mininterval=2.0)
     for step in bar:
         pick = torch.randint(0, n, (spec.batch_size,), generator=gen)
-        y = labels[pick].clone()
-        y[torch.rand(spec.batch_size, generator=gen) < spec.label_dropout] = k
+        y = index.conditions(pick, torch.rand(spec.batch_size, generator=gen) < spec.label_dropout)
         z = torch.randn((spec.batch_size, *shape), generator=gen)
         near = torch.rand(spec.batch_size, generator=gen) < spec.refine_fraction
         sigma = 0.05 + 0.95 * torch.rand(spec.batch_size, generator=gen)
@@ -203,54 +211,16 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
             print(f"step {done}/{spec.steps} loss {avg:.4f} (distance mse {parts['distance_mse']:.3f}, direction "
                   f"{parts['direction']:.3f}) elapsed {time.time() - t0:.0f}s", flush=True)
         if ckpt is not None and save_every and (done % save_every == 0 or done == spec.steps):
-            _save_checkpoint(ckpt, spec, done, model, ema, opt, gen, avg)
+            _save_checkpoint(ckpt, spec, done, model, ema, opt, gen, avg, spent + time.time() - t0)
         if stop_after is not None and done - start >= stop_after and done < spec.steps:
             return ema
     if out is not None:
         meta = {"objective": OBJECTIVE, **asdict(spec), "distance_weight": dw, "index": str(index.path),
                 "index_spec": asdict(index.spec), "final_loss_ema": avg, "wall_s_this_run": round(time.time() - t0, 1),
+                "wall_s_train": round(spent + time.time() - t0, 3),
                 "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
                 **(metadata or {})}
-        save_coalescer(ema, out, metadata=meta, defaults=defaults)
+        (save or save_coalescer)(ema, out, metadata=meta, defaults=defaults)
         if progress:
             print(f"saved coalescer to {out} ({spec.steps} steps, {meta['wall_s_this_run']:.0f}s)", flush=True)
     return ema
-
-
-# ----- generation -------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def guided_target(model: CoalescerModel, x: torch.Tensor, labels: torch.Tensor, guidance: float):
-    """(target, confidence ``|direction|`` of the conditional branch) at ``x``: with ``guidance != 1`` the targets
-    under the label and the null label are extrapolated, ``t_u + g (t_c - t_u)``."""
-    labels = torch.as_tensor(labels, device=x.device).long()
-    d_c, dir_c = model.heads(x, labels)
-    t_c = coalesce_step(x, d_c, dir_c)
-    conf = dir_c.flatten(1).norm(dim=1)
-    if guidance == 1.0:
-        return t_c, conf
-    d_u, dir_u = model.heads(x, torch.full_like(labels, model.null_label))
-    t_u = coalesce_step(x, d_u, dir_u)
-    return t_u + guidance * (t_c - t_u), conf
-
-
-@torch.no_grad()
-def generate(model: CoalescerModel, labels: torch.Tensor, noise: torch.Tensor, steps: int = 1,
-             guidance: float = 1.0, adaptive_threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, steps used per sample) from unit ``noise`` ``z`` (the points ``R = prior_scale * z``).
-
-    ``steps``: how many steps (at most the model's ``num_steps``); with ``adaptive_threshold``, ``steps`` is the
-    most taken and a sample stops after a step whose direction is at least that long (the network is sure)."""
-    check_steps(model, steps)
-    x = noise * model.unet.config.prior_scale
-    used = torch.zeros(x.shape[0], dtype=torch.long)
-    active = torch.ones(x.shape[0], dtype=torch.bool)
-    for _ in range(steps):
-        idx = active.nonzero().flatten()
-        if idx.numel() == 0:
-            break
-        target, conf = guided_target(model, x[idx], labels[idx], guidance)
-        x[idx] = target
-        used[idx] += 1
-        if adaptive_threshold is not None:
-            active[idx[conf >= adaptive_threshold]] = False
-    return x, used

@@ -134,6 +134,12 @@ class CoalescerIndex:
         self.spec, self.latents, self.labels, self.num_classes = spec, latents, labels, num_classes
         self.index, self.path, self.sha256 = index, path, sha256  # sha256: of the pairs file (what it stores)
 
+    def conditions(self, pick: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """The labels of pairs ``pick``, the null label where ``drop`` (the training loop's conditions)."""
+        y = self.labels[pick].long().clone()
+        y[drop] = self.num_classes
+        return y
+
     def query_keys(self, labels: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         return make_keys(points, labels, self.num_classes, self.spec.desc_scale)
 
@@ -262,6 +268,13 @@ def load_index(path: str | os.PathLike, model: str | None = None) -> CoalescerIn
     from safetensors.torch import load_file
 
     out = Path(path)
+    try:
+        fmt = json.loads((out / MANIFEST).read_text()).get("format") if (out / MANIFEST).is_file() else None
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt == "fastdiff.text_coalescer_index":
+        raise InvalidInput(f"the index at {path} is a text (shapes) coalescer index: train on it with "
+                           "`coalescer-train --model shapes`")
     m = _read_manifest(out) if out.is_dir() else None
     if m is None or "files" not in m:
         raise InvalidInput(f"no complete coalescer index at {path} (expected {MANIFEST} with its files; build one "

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.model.endswith(".onnx"):
                 raise ExportError(f"{args.model} is already an ONNX file; use --format tensorrt to build an engine")
             from fastdiff.export.coalescer import export_coalescer, is_coalescer
+            from fastdiff.models.text_coalescer_net import is_text_coalescer
 
             if pipeline:  # its three components and a manifest
                 from fastdiff.export.text_to_image import export_pipeline_onnx
@@ -106,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                                        "--sampler / --steps / --guidance-scale do not apply (drop them)")
                 report = export_pipeline_onnx(args.model, args.out, **{k: v for k, v in common.items() if k not in (
                     "sampler", "steps", "guidance_scale")})
+            elif is_text_coalescer(args.model):  # token ids + noise -> image, one graph
+                from fastdiff.export.text_coalescer import export_text_coalescer
+
+                report = export_text_coalescer(args.model, args.out, steps=args.steps, guidance=args.guidance_scale,
+                                               parity=not args.no_parity, tol=args.parity_tol, opset=args.opset)
             elif is_coalescer(args.model):  # not a UNet: the whole coalescer sampler is one small graph
                 report = export_coalescer(args.model, args.out, steps=args.steps, guidance=args.guidance_scale,
                                           parity=not args.no_parity, tol=args.parity_tol, opset=args.opset)

@@ -149,6 +149,10 @@ class CoalescerModel(LabelConditionedUNet):
         """``(distance (N,), direction (N, C, H, W))`` at points ``x`` for ``labels`` (null label allowed)."""
         return self.unet.heads(x, self.encode_labels(labels))
 
+    def null_condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """The null label for each of ``labels`` (the unconditional branch of guidance)."""
+        return torch.full_like(labels, self.null_label)
+
     def forward(self, sample, timestep, labels):
         return self.unet(sample, timestep, self.encode_labels(labels))[0]
 
@@ -217,3 +221,45 @@ def check_steps(model: CoalescerModel, steps: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
         raise InvalidInput(f"{model.name!r} supports 1 to {limit} coalescer steps, got {steps!r}")
     return steps
+
+
+# ----- generation (label and text coalescers) ---------------------------------------------------------------------
+@torch.no_grad()
+def guided_target(model: CoalescerModel, x: torch.Tensor, labels: torch.Tensor, guidance: float):
+    """(target, confidence ``|direction|`` of the conditional branch) at ``x``: with ``guidance != 1`` the targets
+    under the condition and the null condition (``model.null_condition``: the null label, or the empty prompt's
+    embedding) are extrapolated, ``t_u + g (t_c - t_u)``. ``labels``: class labels, or condition embeddings."""
+    labels = torch.as_tensor(labels, device=x.device)
+    if not labels.is_floating_point():
+        labels = labels.long()
+    d_c, dir_c = model.heads(x, labels)
+    t_c = coalesce_step(x, d_c, dir_c)
+    conf = dir_c.flatten(1).norm(dim=1)
+    if guidance == 1.0:
+        return t_c, conf
+    d_u, dir_u = model.heads(x, model.null_condition(labels))
+    t_u = coalesce_step(x, d_u, dir_u)
+    return t_u + guidance * (t_c - t_u), conf
+
+
+@torch.no_grad()
+def generate(model: CoalescerModel, labels: torch.Tensor, noise: torch.Tensor, steps: int = 1,
+             guidance: float = 1.0, adaptive_threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, steps used per sample) from unit ``noise`` ``z`` (the points ``R = prior_scale * z``).
+
+    ``steps``: how many steps (at most the model's ``num_steps``); with ``adaptive_threshold``, ``steps`` is the
+    most taken and a sample stops after a step whose direction is at least that long (the network is sure)."""
+    check_steps(model, steps)
+    x = noise * model.unet.config.prior_scale
+    used = torch.zeros(x.shape[0], dtype=torch.long)
+    active = torch.ones(x.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        idx = active.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        target, conf = guided_target(model, x[idx], labels[idx], guidance)
+        x[idx] = target
+        used[idx] += 1
+        if adaptive_threshold is not None:
+            active[idx[conf >= adaptive_threshold]] = False
+    return x, used

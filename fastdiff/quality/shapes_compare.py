@@ -92,18 +92,37 @@ def default_jobs(extra: list[tuple[str, list[int]]] = (), adaptive_threshold: fl
         jobs.append(ShapesCompareJob(COALESCER, "coalescer, adaptive", max(COALESCER_STEPS), kind="coalescer",
                                      adaptive=True, threshold=adaptive_threshold))
     for path, steps in extra:
-        jobs += [ShapesCompareJob(path, extra_method(path), s) for s in steps]
+        jobs += _extra_jobs(path, steps, adaptive_threshold)
     return jobs
 
 
+def _extra_jobs(path: str, steps: list[int], adaptive_threshold: float | None) -> list[ShapesCompareJob]:
+    """An extra folder's rows: a text coalescer at its step counts (1 or 2) and adaptive, else a pipeline."""
+    from fastdiff.models.text_coalescer_net import is_text_coalescer
+
+    if not is_text_coalescer(path):
+        return [ShapesCompareJob(path, extra_method(path), s) for s in steps]
+    jobs = [ShapesCompareJob(path, "coalescer", s, kind="coalescer") for s in steps]
+    return jobs + [ShapesCompareJob(path, "coalescer, adaptive", max(steps), kind="coalescer", adaptive=True,
+                                    threshold=adaptive_threshold)]
+
+
 def parse_extra_pipeline(text: str) -> tuple[str, list[int]]:
-    """``"DIR"`` or ``"DIR:1,2,4"`` -> (DIR, step counts); the folder must be a pipeline (checked before any
-    sampling: minutes)."""
+    """``"DIR"`` or ``"DIR:1,2,4"`` -> (DIR, step counts); the folder must be a pipeline or a text coalescer
+    (checked before any sampling: minutes; a coalescer's steps default to 1, 2)."""
     from fastdiff.models.shapes.pipeline import verify
+    from fastdiff.models.text_coalescer_net import is_text_coalescer, resolve
     from fastdiff.quality.compare import split_model_steps
 
-    path, steps = split_model_steps(text, EXTRA_STEPS, "runs/shapes-consistency:1,2,4")
-    verify(path)  # ModelNotFound (one line) for a missing or damaged pipeline folder
+    coalescer = is_text_coalescer(text.rpartition(":")[0] if ":" in text else text)
+    path, steps = split_model_steps(text, COALESCER_STEPS if coalescer else EXTRA_STEPS,
+                                    "runs/shapes-consistency:1,2,4")
+    if coalescer:
+        resolve(path)  # ModelNotFound for a folder without its weights
+        if max(steps) > max(COALESCER_STEPS):
+            raise InvalidInput(f"--extra-model {text!r}: a coalescer takes 1 or 2 steps")
+    else:
+        verify(path)  # ModelNotFound (one line) for a missing or damaged pipeline folder
     return path, steps
 
 

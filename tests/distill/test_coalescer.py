@@ -232,7 +232,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = one_line_error(["distill", "coalescer-train", "--index", str(tmp_path / "none"), "--out",
                           str(tmp_path / "m")], capsys)
     assert "no complete coalescer index" in err
-    err = one_line_error(["distill", "coalescer-index", "--model", "shapes", "--out", str(tmp_path / "i")], capsys)
+    err = one_line_error(["distill", "coalescer-index", "--model", "digits-onestep", "--out", str(tmp_path / "i")],
+                         capsys)
     assert "no training pairs" in err
 
 
