@@ -14,6 +14,7 @@ same prompts, steps, guidance and generator it gives the PyTorch pipeline's imag
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -70,6 +71,13 @@ class OnnxTextToImage:
         out = self.sessions[comp].run(None, {k: v.astype(dtypes[k], copy=False) for k, v in feeds.items()})[0]
         return out.astype(np.float32, copy=False)
 
+    def guidance_input_dim(self) -> int | None:
+        """The width of the UNet graph's ``timestep_cond`` input (folded guidance), None when it has none."""
+        for spec in self.manifest["components"]["unet"]["inputs"]:
+            if spec["name"] == "timestep_cond":
+                return int(spec["dims"][1])
+        return None
+
     def encode(self, prompts: list[str]) -> np.ndarray:
         """``last_hidden_state`` of ``prompts`` (tokenized as ``StableDiffusionPipeline.encode_prompt`` does)."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -94,10 +102,20 @@ class OnnxTextToImage:
         guidance = float(self.defaults.get("guidance_scale", 5.0) if guidance_scale is None else guidance_scale)
         if self.manifest.get("limits"):  # a distilled student (shapes-onestep): the steps / guidance it learned
             check_limits_of(self.manifest["limits"], self.manifest.get("model"), steps, guidance)
-        cfg = guidance > 1.0  # the pipeline's do_classifier_free_guidance
+        cond_dim = self.guidance_input_dim()
+        # the pipeline's do_classifier_free_guidance: none for a UNet with folded guidance (shapes-consistency)
+        cfg = guidance > 1.0 and cond_dim is None
         embeds = self.encode(negative + prompts) if cfg else self.encode(prompts)
+        extra = {}
+        if cond_dim is not None:  # the guidance as an input, as the pipeline's get_guidance_scale_embedding(g - 1)
+            from fastdiff.models.folded_guidance import folded_guidance_cond
+
+            extra["timestep_cond"] = folded_guidance_cond(guidance, len(prompts), cond_dim, "cpu",
+                                                          torch.float32).numpy()
         scheduler = self._scheduler()
         scheduler.set_timesteps(steps)
+        # as the pipeline's prepare_extra_step_kwargs: the generator goes to schedulers that draw noise (LCM)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         latents = randn_tensor((len(prompts), *self.latent_shape), generator=generator, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
@@ -105,10 +123,10 @@ class OnnxTextToImage:
             x = scheduler.scale_model_input(x, t)
             out = torch.from_numpy(self._run("unet", {
                 "sample": x.numpy(), "timestep": np.full((x.shape[0],), float(t), np.float32),
-                "encoder_hidden_states": embeds}))  # float32 out: guidance and the solver run in float32
+                "encoder_hidden_states": embeds, **extra}))  # float32 out: guidance and the solver run in float32
             if cfg:
                 uncond, text = out.chunk(2)
                 out = uncond + guidance * (text - uncond)
-            latents = scheduler.step(out, t, latents, return_dict=False)[0]
+            latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
         image = self._run("vae_decoder", {"latents": latents.numpy()})
         return np.ascontiguousarray(image.transpose(0, 2, 3, 1))

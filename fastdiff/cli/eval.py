@@ -55,7 +55,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits",
                    help="embedded model name (digits, digits-onestep, digits-coalescer, digits-consistency, shapes, "
-                   "shapes-onestep) or model directory")
+                   "shapes-onestep, shapes-consistency) or model directory")
     p.add_argument("--scheduler", default=None, help="scheduler name (default: the model's own)")
     p.add_argument("--steps", type=cli_int(1), default=None, help="inference steps (default: the model's)")
     p.add_argument("--guidance", type=cli_number(), default=None, help="CFG scale (default: the model's)")

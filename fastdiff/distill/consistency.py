@@ -148,14 +148,20 @@ def x0_eps(prediction_type: str, m: torch.Tensor, x: torch.Tensor, a: torch.Tens
     raise InvalidInput(f"unknown prediction_type {prediction_type!r}")
 
 
+def boundary_output(m: torch.Tensor, x: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+    """``c_skip(t) x + c_out(t) x0(m)``: the consistency function's value from the network output ``m`` at ``x``."""
+    c_skip, c_out = boundary_coefs(t)
+    x0, _ = x0_eps(prediction_type, m, x, abar[t])
+    return _bc(c_skip) * x + _bc(c_out) * x0
+
+
 def consistency_fn(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w_emb: torch.Tensor,
                    abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """``f(x, t, w) = c_skip(t) x + c_out(t) x0(model(x, t, w))`` for a student with folded guidance."""
     m = model.unet(x, t, encoder_hidden_states=model.encode_labels(labels), timestep_cond=w_emb,
                    return_dict=False)[0]
-    c_skip, c_out = boundary_coefs(t)
-    x0, _ = x0_eps(prediction_type, m, x, abar[t])
-    return _bc(c_skip) * x + _bc(c_out) * x0
+    return boundary_output(m, x, t, abar, prediction_type)
 
 
 @torch.no_grad()
@@ -163,10 +169,21 @@ def teacher_ddim_step(teacher, x: torch.Tensor, t: torch.Tensor, t_prev: torch.T
                       guidance: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """One DDIM (eta 0) step of the teacher's guided ODE from ``t`` to ``t_prev``: a single 2B network call
     (null labels, then the labels), per-sample guidance ``m = m_u + g (m_c - m_u)``."""
+    m = label_guided_output(teacher, x, t, labels, guidance)
+    return ddim_from_output(m, x, t, t_prev, abar, prediction_type)
+
+
+def label_guided_output(teacher, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                        guidance: torch.Tensor) -> torch.Tensor:
+    """A label-conditioned teacher's guided output ``m_u + g (m_c - m_u)``: one 2B call (null labels first)."""
     both = torch.cat([torch.full_like(labels, teacher.null_label), labels])
-    m = teacher(torch.cat([x, x]), torch.cat([t, t]), both)
-    m_u, m_c = m.chunk(2)
-    m = m_u + _bc(guidance) * (m_c - m_u)
+    m_u, m_c = teacher(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    return m_u + _bc(guidance) * (m_c - m_u)
+
+
+def ddim_from_output(m: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, abar: torch.Tensor,
+                     prediction_type: str) -> torch.Tensor:
+    """DDIM (eta 0) from ``t`` to ``t_prev`` given the (guided) model output ``m`` at ``x``."""
     x0, eps = x0_eps(prediction_type, m, x, abar[t])
     a_prev = abar[t_prev]
     return _bc(a_prev.sqrt()) * x0 + _bc((1 - a_prev).sqrt()) * eps
@@ -186,26 +203,36 @@ def consistency_targets(teacher, target, x_t, t, labels, guidance, abar, skip: i
 def teacher_trajectories(teacher, noise: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor,
                          grid: torch.Tensor, abar: torch.Tensor, prediction_type: str, batch_size: int = 256,
                          progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve the teacher's guided ODE with DDIM (eta 0) down the grid from each noise (taken as the sample at the
+    """Solve a label-conditioned teacher's guided ODE down the grid: :func:`guided_ddim_trajectories` with
+    :func:`label_guided_output`."""
+    return guided_ddim_trajectories(lambda x, t, y, g: label_guided_output(teacher, x, t, y, g), noise, labels,
+                                    guidance, grid, abar, prediction_type, batch_size, progress)
+
+
+@torch.no_grad()
+def guided_ddim_trajectories(guided, noise: torch.Tensor, conds: torch.Tensor, guidance: torch.Tensor,
+                             grid: torch.Tensor, abar: torch.Tensor, prediction_type: str, batch_size: int = 256,
+                             progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve a teacher's guided ODE with DDIM (eta 0) down the grid from each noise (taken as the sample at the
     top grid point): ``(points (B, N, *S), ends (B, *S))``, ``points[:, n]`` the sample at ``grid[n]`` and ``ends``
     the x0 predicted at ``grid[0]`` -- what a diffusers DDIMScheduler with trailing spacing, ``set_alpha_to_one``
-    and N steps returns."""
+    and N steps returns. ``guided(x, t, conds[rows], guidance[rows])`` is the teacher's guided output (labels,
+    text features: whatever ``conds`` holds per sample)."""
     from tqdm.auto import tqdm
 
     b, n = noise.shape[0], grid.numel()
     points = torch.empty((b, n, *noise.shape[1:]), dtype=torch.float32)
     ends = torch.empty_like(noise, dtype=torch.float32)
     for lo in tqdm(range(0, b, batch_size), desc="teacher trajectories", disable=not progress, mininterval=2.0):
-        x, y, g = noise[lo:lo + batch_size].float(), labels[lo:lo + batch_size], guidance[lo:lo + batch_size]
+        x, c, g = noise[lo:lo + batch_size].float(), conds[lo:lo + batch_size], guidance[lo:lo + batch_size]
         for k in range(n - 1, -1, -1):
             points[lo:lo + len(x), k] = x
             t = grid[k].expand(len(x))
+            m = guided(x, t, c, g)
             if k > 0:
-                x = teacher_ddim_step(teacher, x, t, grid[k - 1].expand(len(x)), y, g, abar, prediction_type)
+                x = ddim_from_output(m, x, t, grid[k - 1].expand(len(x)), abar, prediction_type)
             else:
-                both = torch.cat([torch.full_like(y, teacher.null_label), y])
-                m_u, m_c = teacher(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-                ends[lo:lo + len(x)] = x0_eps(prediction_type, m_u + _bc(g) * (m_c - m_u), x, abar[t])[0]
+                ends[lo:lo + len(x)] = x0_eps(prediction_type, m, x, abar[t])[0]
     return points, ends
 
 
@@ -219,31 +246,13 @@ def load_or_make_trajectories(spec: ConsistencySpec, teacher, out: Path, grid, a
     """The run's teacher trajectories: read from ``out/trajectories.pt`` when it was written for these settings
     (and, on resume, has the sha256 the checkpoint recorded), else solved again (deterministic: same numbers) and
     written atomically. Returns the tensors and the file's sha256."""
-    import hashlib
-    import warnings
-
     from fastdiff.models.generate import balanced_labels, make_noise, stream_seed
 
     path = out / TRAJECTORIES
     want = _trajectory_settings(spec, str(getattr(teacher, "name", spec.teacher)))
-    if path.is_file():
-        raw = path.read_bytes()
-        sha = hashlib.sha256(raw).hexdigest()
-        problem = None
-        if expected_sha256 is not None and sha != expected_sha256:
-            problem = "its sha256 is not the one the checkpoint recorded"
-        else:
-            try:
-                data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-                if not isinstance(data, dict) or data.get("format") != TRAJECTORIES_FORMAT:
-                    problem = "it is not a trajectories file"
-                elif data.get("settings") != want:
-                    problem = f"it was made with other settings ({data.get('settings')})"
-            except Exception as e:  # damaged file: torch raises several types
-                problem = f"it cannot be read ({type(e).__name__})"
-        if problem is None:
-            return data, sha
-        warnings.warn(f"{path}: {problem}; solving the teacher trajectories again", stacklevel=2)
+    cached = read_cached_trajectories(path, want, expected_sha256)
+    if cached is not None:
+        return cached
     idx = torch.arange(spec.num_trajectories)
     base = stream_seed(spec.seed, "trajectories")
     cfg = teacher.unet.config
@@ -256,10 +265,46 @@ def load_or_make_trajectories(spec: ConsistencySpec, teacher, out: Path, grid, a
                                         progress=progress)
     data = {"format": TRAJECTORIES_FORMAT, "settings": want, "points": points, "ends": ends, "labels": labels,
             "guidance": guidance, "solve_s": round(time.time() - t0, 1)}
+    return data, write_trajectories(path, data)
+
+
+def read_cached_trajectories(path: Path, settings: dict, expected_sha256: str | None) -> tuple[dict, str] | None:
+    """``(data, sha256)`` of the trajectories file at ``path`` when it holds trajectories made with ``settings``
+    (and, when given, has ``expected_sha256``: the one a checkpoint recorded); else None, with a warning naming
+    why when the file exists (damaged, other settings), so the caller solves them again."""
+    import hashlib
+    import warnings
+
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    sha = hashlib.sha256(raw).hexdigest()
+    problem = None
+    if expected_sha256 is not None and sha != expected_sha256:
+        problem = "its sha256 is not the one the checkpoint recorded"
+    else:
+        try:
+            data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+            if not isinstance(data, dict) or data.get("format") != TRAJECTORIES_FORMAT:
+                problem = "it is not a trajectories file"
+            elif data.get("settings") != settings:
+                problem = f"it was made with other settings ({data.get('settings')})"
+        except Exception as e:  # damaged file: torch raises several types
+            problem = f"it cannot be read ({type(e).__name__})"
+    if problem is None:
+        return data, sha
+    warnings.warn(f"{path}: {problem}; solving the teacher trajectories again", stacklevel=3)
+    return None
+
+
+def write_trajectories(path: Path, data: dict) -> str:
+    """Write ``data`` (with ``format`` :data:`TRAJECTORIES_FORMAT`) atomically to ``path``; returns its sha256."""
+    import hashlib
+
     buf = io.BytesIO()
     torch.save(data, buf)
     atomic_write_bytes(path, buf.getvalue())
-    return data, hashlib.sha256(buf.getvalue()).hexdigest()
+    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
@@ -277,23 +322,30 @@ def lcm_scheduler_config(teacher_scheduler: dict, grid_steps: int) -> dict:
             "timestep_scaling": TIMESTEP_SCALING, "clip_sample": False, "set_alpha_to_one": True}
 
 
-def init_consistency_student(teacher, cond_dim: int = 32, grid_steps: int = 10):
-    """A trainable copy of ``teacher`` (LabelConditionedUNet) with a guidance input (``time_cond_proj_dim``);
-    the new projection is zero, so before training the student's network output is the teacher's conditional
-    output."""
+def guidance_conditioned_copy(unet, cond_dim: int):
+    """A float32 copy of a ``UNet2DConditionModel`` with a guidance input (``time_cond_proj_dim=cond_dim``): the
+    same weights and a zero ``cond_proj``, so before training its output is the original's whatever the guidance."""
     from diffusers import UNet2DConditionModel
 
-    from fastdiff.models.label_unet import LabelConditionedUNet
-
-    cfg = {k: v for k, v in dict(teacher.unet.config).items() if not k.startswith("_")}
+    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
     cfg["time_cond_proj_dim"] = cond_dim
-    unet = UNet2DConditionModel.from_config(cfg)
-    missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
+    copy_ = UNet2DConditionModel.from_config(cfg)
+    missing, unexpected = copy_.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or missing != ["time_embedding.cond_proj.weight"]:
         raise InvalidInput(f"the teacher's UNet does not map onto a guidance-conditioned copy (missing {missing}, "
                            f"unexpected {unexpected})")
     with torch.no_grad():
-        unet.time_embedding.cond_proj.weight.zero_()
+        copy_.time_embedding.cond_proj.weight.zero_()
+    return copy_.float()
+
+
+def init_consistency_student(teacher, cond_dim: int = 32, grid_steps: int = 10):
+    """A trainable copy of ``teacher`` (LabelConditionedUNet) with a guidance input (``time_cond_proj_dim``);
+    the new projection is zero, so before training the student's network output is the teacher's conditional
+    output."""
+    from fastdiff.models.label_unet import LabelConditionedUNet
+
+    unet = guidance_conditioned_copy(teacher.unet, cond_dim)
     student = LabelConditionedUNet(unet, teacher.num_classes, tokens=teacher.tokens,
                                    scheduler_config=lcm_scheduler_config(teacher.scheduler_config, grid_steps),
                                    name=f"{teacher.name}-consistency")
@@ -490,6 +542,8 @@ def train_consistency(spec: ConsistencySpec, out: str | os.PathLike, *, teacher=
     return target
 
 
-__all__ = ["ConsistencySpec", "boundary_coefs", "consistency_fn", "consistency_targets", "grid_timesteps",
-           "init_consistency_student", "lcm_scheduler_config", "load_or_make_trajectories", "pseudo_huber",
-           "read_checkpoint", "teacher_ddim_step", "teacher_trajectories", "train_consistency", "x0_eps"]
+__all__ = ["ConsistencySpec", "boundary_coefs", "boundary_output", "consistency_fn", "consistency_targets",
+           "ddim_from_output", "grid_timesteps", "guidance_conditioned_copy", "guided_ddim_trajectories",
+           "init_consistency_student", "label_guided_output", "lcm_scheduler_config", "load_or_make_trajectories",
+           "pseudo_huber", "read_cached_trajectories", "read_checkpoint", "teacher_ddim_step", "teacher_trajectories",
+           "train_consistency", "write_trajectories", "x0_eps"]

@@ -33,6 +33,7 @@ EMBEDDED: dict[str, str] = {
 EMBEDDED_PIPELINES: dict[str, str] = {
     "shapes": "text-to-image 64x64 shapes: a diffusers StableDiffusionPipeline (DPM-Solver++ 20 steps, CFG 5)",
     "shapes-onestep": "one-step student distilled from 'shapes' (1 step, CFG 5 folded in: guidance 1)",
+    "shapes-consistency": "consistency student of 'shapes', guidance folded in (lcm, 1 to 4 steps, CFG 4 to 6)",
 }
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

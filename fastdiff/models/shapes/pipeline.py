@@ -81,9 +81,10 @@ def build_unet(seed: int = 0, config: dict | None = None):
         return UNet2DConditionModel(**(config or UNET_CONFIG))
 
 
-#: the scheduler classes a pipeline folder may name (``_class_name``): the teacher's, and the one-step student's
-#: (``DDIMScheduler``, :func:`fastdiff.distill.train.onestep_scheduler_config`)
-SCHEDULER_CLASSES = ("DPMSolverMultistepScheduler", "DDIMScheduler")
+#: the scheduler classes a pipeline folder may name (``_class_name``): the teacher's, the one-step student's
+#: (``DDIMScheduler``, :func:`fastdiff.distill.train.onestep_scheduler_config`) and the consistency student's
+#: (``LCMScheduler``, :func:`fastdiff.distill.consistency.lcm_scheduler_config`)
+SCHEDULER_CLASSES = ("DPMSolverMultistepScheduler", "DDIMScheduler", "LCMScheduler")
 
 
 def make_scheduler(config: dict | None = None):
