@@ -196,7 +196,8 @@ def _measure_coalescer(job: ShapesCompareJob, model, prompts: list[str], seeds: 
     n = len(image_prompts)
     meta = C.metadata(model)
     g = float(job.guidance if job.guidance is not None else (meta.get("defaults") or {}).get("guidance_scale", 1.0))
-    return ShapesCompareRow(model=job.model, method=job.method, steps=job.steps, mean_steps=float(used.float().mean()),
+    return ShapesCompareRow(model=Path(job.model).name, method=job.method, steps=job.steps,
+                            mean_steps=float(used.float().mean()),
                             guidance=g, one_object=sc.one_object, two_object=sc.two_object, frechet=fd,
                             ms_per_image=1000 * seconds / n, calls_per_image=counter.rows / n,
                             train_wall_s=training_wall_s(meta), images=n, device=_device_name(),
@@ -270,7 +271,8 @@ def plot(rows: list[ShapesCompareRow], path: str | os.PathLike, title: str = "")
         for ax, y in ((ax_a, [100 * r.two_object for r in pts]), (ax_f, [r.frechet for r in pts])):
             ax.plot(x, y, marker=markers[i % len(markers)], linestyle="-" if len(pts) > 1 else "none", label=m)
             for r, xv, yv in zip(pts, x, y, strict=True):
-                ax.annotate(f"{r.mean_steps:g}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                label = f"{r.steps}" if r.mean_steps == r.steps else f"≤{r.steps} (mean {r.mean_steps:.2f})"
+                ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax_a.set_ylabel("two-object prompts fully correct (%)")
     ax_f.set_ylabel("Fréchet distance (judge features; lower is better)")
     for ax in (ax_a, ax_f):
