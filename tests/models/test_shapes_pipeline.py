@@ -289,8 +289,8 @@ def test_eval_scores_images_against_their_prompts(tiny_pipe):
 
 
 def test_eval_cli_refuses_digits_flags(tmp_path):
-    r = _cli("eval", "--model", "shapes", "--compare", cwd=tmp_path)
-    assert r.returncode == 2 and "--compare is for the digits models" in r.stderr
+    r = _cli("eval", "--model", "shapes", "--scheduler", "ddim", cwd=tmp_path)  # --compare is shapes' too now
+    assert r.returncode == 2 and "--scheduler is for the digits models" in r.stderr
 
 
 def test_scheduler_config_is_the_training_schedule(tiny_dir):
