@@ -163,7 +163,9 @@ def _shard_path(out: Path, k: int) -> Path:
     return out / f"shard-{k:05d}.safetensors"
 
 
-def _read_manifest(out: Path) -> dict | None:
+def read_build_manifest(out: Path, fmt: str = FORMAT, what: str = "coalescer index") -> dict | None:
+    """``out/manifest.json`` of an index being built (None when there is none yet); :class:`InvalidInput` when it
+    is unreadable or another kind's (``fmt``), so a build never mixes its shards into another's folder."""
     path = out / MANIFEST
     if not path.exists():
         return None
@@ -171,9 +173,13 @@ def _read_manifest(out: Path) -> dict | None:
         m = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InvalidInput(f"{path} is unreadable ({e}); delete it to build this index over") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise InvalidInput(f"{path} is not a coalescer index manifest; use another --out directory")
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise InvalidInput(f"{path} is not a {what} manifest; use another --out directory")
     return m
+
+
+def _read_manifest(out: Path) -> dict | None:
+    return read_build_manifest(out)
 
 
 def _check_spec(out: Path, spec: IndexSpec) -> dict:

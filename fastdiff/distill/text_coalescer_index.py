@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fastdiff._atomic import atomic_write_bytes, atomic_write_text, check_writable, sha256_file
-from fastdiff.distill.coalescer_index import INDEX_TYPES, _faiss, _shard_path, build_faiss
+from fastdiff.distill.coalescer_index import INDEX_TYPES, _faiss, _shard_path, build_faiss, read_build_manifest
 from fastdiff.errors import InvalidInput
 from fastdiff.models.shapes.encoders import ShapesEncoder
 
@@ -135,16 +135,7 @@ def encode_pairs(encoder: ShapesEncoder, seed: int, start: int, count: int) -> d
 
 
 def _read_manifest(out: Path) -> dict | None:
-    path = out / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InvalidInput(f"{path} is unreadable ({e}); delete it to build this index over") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise InvalidInput(f"{path} is not a text coalescer index manifest; use another --out directory")
-    return m
+    return read_build_manifest(out, FORMAT, "text coalescer index")
 
 
 def build_shards(spec: TextIndexSpec, out: Path, encoder: ShapesEncoder, rank: int = 0, world_size: int = 1,

@@ -89,27 +89,36 @@ def export_coalescer(model, out_dir, steps: int | None = None, guidance: float |
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     g = torch.Generator().manual_seed(0)
     example = (torch.randn((2, *shape), generator=g), torch.arange(2) % m.num_classes)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # noise and labels share the batch dimension on purpose; the exporter says so in a UserWarning
-            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
-            prog = torch.onnx.export(graph, example, dynamo=True, opset_version=opset or 18, verbose=False,
-                                     input_names=["noise", "labels"], output_names=["image"],
-                                     dynamic_shapes={"noise": {0: batch}, "labels": {0: batch}})
-    except Exception as e:  # the exporter raises many types
-        raise ExportError(f"torch.onnx.export failed for the coalescer sampler: {type(e).__name__}: "
-                          f"{str(e)[:1000]}") from e
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.onnx"
-    atomic_write_bytes(path, prog.model_proto.SerializeToString())
-    atomic_write_text(out / "export.json", json.dumps({"kind": "coalescer_sampler", "model": m.name, "steps": steps,
-                                                       "guidance_scale": guidance, "prior_scale": cfg.prior_scale,
-                                                       "inputs": ["noise", "labels"], "outputs": ["image"]}) + "\n")
+    path = write_sampler_graph(graph, example, ["noise", "labels"], out, "coalescer sampler", {
+        "kind": "coalescer_sampler", "model": m.name, "steps": steps, "guidance_scale": guidance,
+        "prior_scale": cfg.prior_scale}, opset=opset, max_batch=65536)
     err = parity_error(path, graph, shape, m.num_classes) if parity else None
     if err is not None and err > (tol or PARITY_RTOL):
         raise ExportError(f"onnxruntime output differs from PyTorch: max rel err {err:.2e} > {tol or PARITY_RTOL:g}")
     return CoalescerExport(path, steps, guidance, err)
+
+
+def write_sampler_graph(graph: torch.nn.Module, example: tuple, input_names: list[str], out: Path, what: str,
+                        description: dict, opset: int | None = None, max_batch: int = 65536) -> Path:
+    """Export ``graph`` (inputs batch-dynamic along dim 0, one output ``image``) to ``out/model.onnx`` and its
+    ``description`` (+ inputs / outputs) to ``out/export.json``, each atomically; :class:`ExportError` when the
+    exporter fails. Returns the model's path."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the inputs share the batch dimension on purpose; the exporter says so in a UserWarning
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+            prog = torch.onnx.export(graph, example, dynamo=True, opset_version=opset or 18, verbose=False,
+                                     input_names=input_names, output_names=["image"],
+                                     dynamic_shapes={name: {0: batch} for name in input_names})
+    except Exception as e:  # the exporter raises many types
+        raise ExportError(f"torch.onnx.export failed for the {what}: {type(e).__name__}: {str(e)[:1000]}") from e
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    atomic_write_bytes(path, prog.model_proto.SerializeToString())
+    atomic_write_text(out / "export.json", json.dumps({**description, "inputs": input_names,
+                                                       "outputs": ["image"]}) + "\n")
+    return path
 
 
 def parity_error(path: Path, graph: CoalescerSampler, shape, num_classes: int, batch: int = 16,

@@ -10,16 +10,15 @@ that PyTorch sampler on fresh random noise and real prompts.
 
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastdiff._atomic import atomic_write_bytes, atomic_write_text, check_writable
+from fastdiff._atomic import check_writable
 from fastdiff.errors import BackendUnavailable, ExportError
+from fastdiff.export.coalescer import write_sampler_graph
 from fastdiff.models.coalescer_net import check_steps, coalesce_step
 
 #: max |onnx - torch| / max |torch| accepted (fp32; the same math in another runtime, through a VAE decoder)
@@ -83,23 +82,11 @@ def export_text_coalescer(model, out_dir, steps: int | None = None, guidance: fl
     graph = TextCoalescerSampler(m.float().eval(), enc.text_encoder, enc.vae, steps, guidance).eval()
     ids = _ids(enc, PARITY_PROMPTS[:2])
     example = (ids, torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0)))
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
-            prog = torch.onnx.export(graph, example, dynamo=True, opset_version=opset or 18, verbose=False,
-                                     input_names=["input_ids", "noise"], output_names=["image"],
-                                     dynamic_shapes={"input_ids": {0: batch}, "noise": {0: batch}})
-    except Exception as e:  # the exporter raises many types
-        raise ExportError(f"torch.onnx.export failed for the text coalescer sampler: {type(e).__name__}: "
-                          f"{str(e)[:1000]}") from e
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.onnx"
-    atomic_write_bytes(path, prog.model_proto.SerializeToString())
-    atomic_write_text(out / "export.json", json.dumps({
+    path = write_sampler_graph(graph, example, ["input_ids", "noise"], out, "text coalescer sampler", {
         "kind": "text_coalescer_sampler", "model": m.name, "steps": steps, "guidance_scale": guidance,
-        "prior_scale": m.unet.config.prior_scale, "inputs": ["input_ids", "noise"], "outputs": ["image"],
-        "tokenizer": "fastdiff/models/weights/shapes-tokenizer (padding to 24, truncation)"}) + "\n")
+        "prior_scale": m.unet.config.prior_scale,
+        "tokenizer": "fastdiff/models/weights/shapes-tokenizer (padding to 24, truncation)"},
+        opset=opset, max_batch=4096)
     err = parity_error(path, graph, enc) if parity else None
     if err is not None and err > (tol or PARITY_RTOL):
         raise ExportError(f"onnxruntime output differs from PyTorch: max rel err {err:.2e} > {tol or PARITY_RTOL:g}")
