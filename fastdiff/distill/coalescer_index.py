@@ -182,8 +182,8 @@ def _read_manifest(out: Path) -> dict | None:
     return read_build_manifest(out)
 
 
-def _check_spec(out: Path, spec: IndexSpec) -> dict:
-    m = _read_manifest(out)
+def _check_spec(out: Path, spec, fmt: str = FORMAT, what: str = "coalescer index") -> dict:
+    m = read_build_manifest(out, fmt, what)
     if m is None:
         return {}
     have = m.get("spec", {})
@@ -192,6 +192,37 @@ def _check_spec(out: Path, spec: IndexSpec) -> dict:
         raise InvalidInput(f"{out} holds an index built with other settings (existing, requested): {diff}; "
                            "use another --out directory or delete it")
     return m
+
+
+def run_sharded_build(spec, out: Path, build, merge, fmt: str = FORMAT, what: str = "coalescer index"):
+    """What every process of a (torchrun) index build runs: refuse an ``out`` built with other settings, write the
+    spec first (rank 0: a restart with other settings is then refused), ``build(rank, world_size)`` this rank's
+    shards between barriers, and ``merge()`` on rank 0 (its result; None on the other ranks)."""
+    from fastdiff.distill.triplets import _dist_info
+
+    rank, world, _ = _dist_info()
+    check_writable(out, "dir", what="--out")
+    existing = _check_spec(out, spec, fmt, what)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not existing:
+        atomic_write_text(out / MANIFEST, json.dumps({"format": fmt, "spec": asdict(spec)}, indent=1) + "\n")
+    pg = False
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")  # only barriers: the encoding work is per shard
+            pg = True
+    try:
+        if world > 1:
+            torch.distributed.barrier()
+        build(rank, world)
+        if world > 1:
+            torch.distributed.barrier()
+        return merge() if rank == 0 else None
+    finally:
+        if pg:
+            torch.distributed.destroy_process_group()
 
 
 def build_shards(spec: IndexSpec, out: Path, rank: int = 0, world_size: int = 1, progress: bool = True) -> list[int]:
@@ -240,33 +271,10 @@ def merge_and_index(spec: IndexSpec, out: Path) -> Path:
 def build_index(spec: IndexSpec, out: str | os.PathLike, progress: bool = True) -> Path | None:
     """Entry point for every process of a (torchrun) job: encode this rank's shards, barrier, rank 0 merges and
     builds the faiss index. Returns the directory on rank 0, None on the others."""
-    from fastdiff.distill.triplets import _dist_info
-
-    rank, world, _ = _dist_info()
     out = Path(out)
     spec.check()
-    check_writable(out, "dir", what="--out")
-    _check_spec(out, spec)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and _read_manifest(out) is None:  # the spec first: a restart with other settings is refused
-        atomic_write_text(out / MANIFEST, json.dumps({"format": FORMAT, "spec": asdict(spec)}, indent=1) + "\n")
-    pg = False
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")  # only barriers: the encoding work is per shard
-            pg = True
-    try:
-        if world > 1:
-            torch.distributed.barrier()
-        build_shards(spec, out, rank, world, progress=progress)
-        if world > 1:
-            torch.distributed.barrier()
-        return merge_and_index(spec, out) if rank == 0 else None
-    finally:
-        if pg:
-            torch.distributed.destroy_process_group()
+    return run_sharded_build(spec, out, lambda rank, world: build_shards(spec, out, rank, world, progress=progress),
+                             lambda: merge_and_index(spec, out))
 
 
 def load_index(path: str | os.PathLike, model: str | None = None) -> CoalescerIndex:

@@ -32,8 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff._atomic import atomic_write_bytes, atomic_write_text, check_writable, sha256_file
-from fastdiff.distill.coalescer_index import INDEX_TYPES, _faiss, _shard_path, build_faiss, read_build_manifest
+from fastdiff._atomic import atomic_write_bytes, atomic_write_text, sha256_file
+from fastdiff.distill.coalescer_index import (
+    INDEX_TYPES,
+    _faiss,
+    _shard_path,
+    build_faiss,
+    read_build_manifest,
+    run_sharded_build,
+)
 from fastdiff.errors import InvalidInput
 from fastdiff.models.shapes.encoders import ShapesEncoder
 
@@ -200,39 +207,16 @@ def build_index(spec: TextIndexSpec, out: str | os.PathLike, progress: bool = Tr
                 encoder: ShapesEncoder | None = None) -> Path | None:
     """Entry point for every process of a (torchrun) job: encode this rank's shards, barrier, rank 0 merges and
     builds the faiss index. Returns the directory on rank 0, None on the others."""
-    from fastdiff.distill.triplets import _dist_info
-
-    rank, world, _ = _dist_info()
     out = Path(out)
     spec.check()
-    check_writable(out, "dir", what="--out")
-    m = _read_manifest(out)
-    if m is not None and m.get("spec") != asdict(spec):
-        have = m.get("spec", {})
-        diff = {k: (have.get(k), v) for k, v in asdict(spec).items() if have.get(k) != v}
-        raise InvalidInput(f"{out} holds an index built with other settings (existing, requested): {diff}; "
-                           "use another --out directory or delete it")
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and m is None:  # the spec first: a restart with other settings is refused
-        atomic_write_text(out / MANIFEST, json.dumps({"format": FORMAT, "spec": asdict(spec)}, indent=1) + "\n")
-    encoder = encoder or ShapesEncoder()
-    pg = False
-    if world > 1:
-        import torch.distributed as dist
+    loaded = []  # the encoder is loaded after the settings check (a refused --out costs no model load)
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")  # only barriers: the encoding work is per shard
-            pg = True
-    try:
-        if world > 1:
-            torch.distributed.barrier()
-        build_shards(spec, out, encoder, rank, world, progress=progress)
-        if world > 1:
-            torch.distributed.barrier()
-        return merge_and_index(spec, out, encoder) if rank == 0 else None
-    finally:
-        if pg:
-            torch.distributed.destroy_process_group()
+    def build(rank: int, world: int) -> None:
+        loaded.append(encoder or ShapesEncoder())
+        build_shards(spec, out, loaded[0], rank, world, progress=progress)
+
+    return run_sharded_build(spec, out, build, lambda: merge_and_index(spec, out, loaded[0]), FORMAT,
+                             "text coalescer index")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
