@@ -23,7 +23,12 @@ Suites (the ratio table of benches/conftest.py shows diffusers' median / each pr
   (mode="reduce-overhead"), fastdiff-eager (``fastdiff.optimize``) and fastdiff (optimize + a CUDA graph).
 - ``loop50``: the whole 50-step Euler loop with CFG 7.5: diffusers' loop (cat, scale_model_input, UNet, chunk, CFG,
   ``scheduler.step``) on the eager and the compiled UNet vs ``fastdiff.Sampler(optimized unet, cuda_graph=True)``
-  (fused step, whole loop as one captured step replayed; graph capture and warm-up included in its time).
+  (fused step, one captured step replayed per step) and, SD1.5 only, "fastdiff-compile" =
+  ``fastdiff.Sampler(plain unet, compile=True, cuda_graph=True)`` (inductor's UNet, the fused step, the graph) and
+  "fastdiff-optimize-compile" (the same over the optimized UNet: fastdiff's kernels as opaque ops in inductor's graph).
+  Each provider's first call (compiles, graph capture / recording) is timed apart (``first_call_s``); the timed
+  calls reuse the sampler / compiled UNet as a user would (fastdiff's graph cache, torch.compile's recordings).
+  Ratios divide per-call medians (``calls_per_round``: rounds are sized per provider).
 
 Op timings: several input sets rotated (more than the 50 MB L2 in total where affordable), a loop of launches per
 round, median over rounds. Environment: FASTDIFF_BENCH_QUICK=1 (fewer shapes and rounds),
@@ -136,7 +141,67 @@ def time_loop(benchmark, fn, calls: int | None = None) -> float:
         sync()
 
     benchmark.pedantic(round_, rounds=ROUNDS, iterations=1, warmup_rounds=warmup)
+    # Rounds of different providers hold different numbers of calls: the ratio table must divide (conftest.record).
+    benchmark.extra_info["calls_per_round"] = calls
     return benchmark.stats.stats.median / calls
+
+
+def graph_time(fn, sets: int) -> float | None:
+    """Seconds per call of ``fn`` with the host out of the way: ``max(sets, 20)`` calls captured in one CUDA graph,
+    replayed ROUNDS times between CUDA events, median. In the sandboxed GPU machines each eager launch from Python
+    costs ~0.1 ms of host time, more than many of these kernels take, so ``time_loop``'s numbers for small ops
+    measure the launch path; inside a UNet captured as a graph (fastdiff's sampler) only this kernel time remains.
+    None on the CPU or where capture fails (the reason is printed)."""
+    if DEVICE != "cuda":
+        return None
+    calls = max(sets, 20)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        graph.replay()
+        sync()
+        times = []
+        for _ in range(ROUNDS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3 / calls)
+        del graph
+        return sorted(times)[len(times) // 2]
+    except Exception as e:  # noqa: BLE001 - report and go on: the eager timing stands
+        print(f"  graph timing failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}")
+        return None
+
+
+class _Fixed:
+    """A measured time in the ``record`` fixture's benchmark surface (``stats.stats.median``, ``extra_info``)."""
+
+    def __init__(self, seconds: float):
+        self.stats = type("Stats", (), {"stats": type("S", (), {"median": seconds})()})()
+        self.extra_info: dict = {}
+
+
+def record_graph(record, suite: str, case: str, provider: str, fn, sets: int, nbytes: float | None = None,
+                 flop: float | None = None) -> None:
+    """The same op timed by :func:`graph_time`, into the ratio table's "<suite>-graph" suite."""
+    per = graph_time(fn, sets)
+    if per is None:
+        return
+    extra = {"us": per * 1e6}
+    if nbytes:
+        extra["gbps"] = nbytes / per / 1e9
+    if flop:
+        extra["tflops"] = flop / per / 1e12
+    record(f"{suite}-graph", case, provider, _Fixed(per), **extra)
 
 
 def input_sets(make, bytes_per_set: int):
@@ -180,6 +245,7 @@ def test_attention(benchmark, record, case, provider):
     if provider in SDPA_BACKENDS and DEVICE != "cuda":
         pytest.skip(f"{provider}: SDPA's {SDPA_BACKENDS[provider]} backend needs a CUDA device (CPU dry run)")
     sets = input_sets(make, 2 * (2 * b * lq * h * d + 2 * b * lk * h * d))
+    flop = 4.0 * b * h * lq * lk * d
     if provider == "fastdiff":
         fn = rotating(lambda q, k, v: attention(q, k, v, backend="triton" if DEVICE == "cuda" else "auto"), sets)
     else:
@@ -196,10 +262,11 @@ def test_attention(benchmark, record, case, provider):
             except RuntimeError as e:
                 pytest.skip(f"{provider} cannot run {case} {DTYPE}: {str(e).strip().splitlines()[0][:200]}")
             per = time_loop(benchmark, fn)
+            record_graph(record, "attention", f"{case} {str(DTYPE)[6:]}", provider, fn, len(sets), flop=flop)
     else:
         per = time_loop(benchmark, fn)
-    record("attention", f"{case} {str(DTYPE)[6:]}", provider, benchmark,
-           tflops=4.0 * b * h * lq * lk * d / per / 1e12, us=per * 1e6)
+        record_graph(record, "attention", f"{case} {str(DTYPE)[6:]}", provider, fn, len(sets), flop=flop)
+    record("attention", f"{case} {str(DTYPE)[6:]}", provider, benchmark, tflops=flop / per / 1e12, us=per * 1e6)
 
 
 @pytest.mark.parametrize("provider", ["diffusers", "fastdiff", "fastdiff-cxx", "copy"])
@@ -233,6 +300,7 @@ def test_groupnorm_silu(benchmark, record, case, provider):
         outs = [torch.empty_like(s[0]) for s in sets]
         fn = rotating(lambda x, w, b, y: y.copy_(x), [(*s, o) for s, o in zip(sets, outs, strict=True)])
     per = time_loop(benchmark, fn)
+    record_graph(record, "groupnorm_silu", f"{case} {str(DTYPE)[6:]}", provider, fn, len(sets), nbytes=nbytes)
     record("groupnorm_silu", f"{case} {str(DTYPE)[6:]}", provider, benchmark, gbps=nbytes / per / 1e9,
            us=per * 1e6)
 
@@ -258,19 +326,28 @@ def test_geglu(benchmark, record, case, provider):
     else:
         fn = rotating(lambda x: geglu(x, backend="triton" if DEVICE == "cuda" else "auto"), sets)
     per = time_loop(benchmark, fn)
+    record_graph(record, "geglu", f"{case} {str(DTYPE)[6:]}", provider, fn, len(sets), nbytes=nbytes)
     record("geglu", f"{case} {str(DTYPE)[6:]}", provider, benchmark, gbps=nbytes / per / 1e9, us=per * 1e6)
 
 
 # ------------------------------------------------------------------------------------------- tuning
 
-ATTN_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 2), (64, 32, 4, 2)]
+# (BLOCK_M, BLOCK_N, warps, stages). Small BLOCK_M for the short sequences (SD1.5's 256 tokens x 16 (b, h) is 32
+# programs at BLOCK_M 128 on 132 SMs), BLOCK_N 128 for cross-attention (77 keys: one masked tile instead of two).
+ATTN_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3),
+                (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
+                (32, 64, 2, 2), (16, 128, 2, 2)]
 
 
 def _do_bench(fn) -> float:
+    """Median seconds per call, the calls replayed from a CUDA graph (triton's do_bench_cudagraph): the sandbox's
+    ~0.1 ms host cost per eager launch would otherwise swamp the differences between tile configs."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-3
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e-3
+    except TypeError:  # a Triton without return_mode
+        return triton.testing.do_bench_cudagraph(fn, rep=20) * 1e-3
 
 
 @pytest.mark.skipif(not TUNE or DEVICE != "cuda", reason="tuning sweep: set FASTDIFF_BENCH_TUNE=1 on a GPU")
@@ -278,7 +355,8 @@ def _do_bench(fn) -> float:
 def test_tune_attention(benchmark, record, case):
     """Every config of ATTN_CONFIGS (BLOCK_M, BLOCK_N, warps, stages) at one shape; times via do_bench (median,
     L2 flushed); the best is then timed like the other providers ("fastdiff-tuned")."""
-    from fastdiff.kernels.triton.attention import _out_like, config, launch
+    from fastdiff.kernels.triton.attention import config, launch
+    from fastdiff.ops.attention import _out_like
 
     b, h, lq, lk, d = ATTENTION[case]
     q, k, v = (torch.randn(b, n, h * d, device=DEVICE, dtype=DTYPE).view(b, n, h, d).transpose(1, 2)
@@ -308,8 +386,14 @@ def test_tune_attention(benchmark, record, case):
     print(f"\n{case}: sdpa: {sdpa_text}; heuristic {heuristic}\n" + "\n".join(lines))
     best = min(results, key=results.get)
     cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), best, strict=True))
+    # One table of graph-replayed times (suite "attention-tune"): SDPA's choices, the shipped heuristic, the best.
+    label = f"{case} {str(DTYPE)[6:]}"
+    for name, t in {**sdpa, "fastdiff": _do_bench(lambda: launch(q, k, v, out, d ** -0.5)),
+                    "fastdiff-tuned": results[best]}.items():
+        record("attention-tune", label, name, _Fixed(t), us=t * 1e6, tflops=flop / t / 1e12,
+               **({"best": str(best)} if name == "fastdiff-tuned" else {}))
     per = time_loop(benchmark, lambda: launch(q, k, v, out, d ** -0.5, cfg))
-    record("attention", f"{case} {str(DTYPE)[6:]}", "fastdiff-tuned", benchmark, best=str(best),
+    record("attention", label, "fastdiff-tuned", benchmark, best=str(best),
            tflops=flop / per / 1e12, sdpa_do_bench_us={n: round(t * 1e6, 1) for n, t in sdpa.items()},
            sweep={str(c): round(t * 1e6, 1) for c, t in results.items()})
 
@@ -403,7 +487,9 @@ def diffusers_loop(model, latents, ehs, added):
     return x
 
 
-def fastdiff_loop(unet, latents, ehs, added):
+def fastdiff_sampler(unet, added, compile: bool = False):
+    """One sampler per (test, UNet), reused by every timed loop as a user would reuse it: the first call captures
+    the CUDA graph (and with ``compile`` compiles the UNet with inductor), later calls replay the cached graph."""
     from diffusers import EulerDiscreteScheduler
 
     from fastdiff import Sampler
@@ -415,7 +501,11 @@ def fastdiff_loop(unet, latents, ehs, added):
                 kw["added_cond_kwargs"] = added
             return super().__call__(sample, timestep, encoder_hidden_states, class_labels, **kw)
 
-    sampler = Sampler(Runner(unet), scheduler=EulerDiscreteScheduler(**SCHEDULER), cuda_graph=DEVICE == "cuda")
+    return Sampler(Runner(unet), scheduler=EulerDiscreteScheduler(**SCHEDULER), cuda_graph=DEVICE == "cuda",
+                   compile=compile)
+
+
+def fastdiff_loop(sampler, latents, ehs):
     return sampler.sample(num_inference_steps=STEPS, guidance_scale=GUIDANCE, encoder_hidden_states=ehs,
                           latents=latents, output_type="latent", progress=False)
 
@@ -440,6 +530,8 @@ UNET_CASES = [("sd15-512", "diffusers"), ("sd15-512", "torch.compile"), ("sd15-5
               ("sdxl-1024", "diffusers")]
 UNET_CASES += [("sdxl-1024", "torch.compile")] if SDXL_COMPILE or DRYRUN else []
 UNET_CASES += [("sdxl-1024", "fastdiff")]
+# fastdiff's compile=True route (inductor on the plain UNet + fused step + CUDA graph): the loop only.
+UNET_CASES += [("sd15-512", "fastdiff-compile"), ("sd15-512", "fastdiff-optimize-compile")]
 
 
 @pytest.mark.parametrize("arch, provider", UNET_CASES, ids=[f"{a}-{p}" for a, p in UNET_CASES])
@@ -462,10 +554,14 @@ def test_unet(benchmark, record, arch, provider):
             model = unet
         elif provider == "torch.compile":
             model = compiled_unet(arch, unet)
-        else:
+        elif provider in ("fastdiff", "fastdiff-optimize-compile"):
             report = optimize(unet)
             model = unet
+        else:  # fastdiff-compile: inductor compiles the plain UNet inside the sampler
+            model = unet
         step_fns = {provider: lambda: model(x, t, encoder_hidden_states=cond, **kwargs)}
+        if provider.endswith("-compile"):
+            step_fns = {}  # its forward is timed inside the loop only
         if provider == "fastdiff":
             step_fns = {"fastdiff-eager": step_fns[provider],
                         "fastdiff": graphed_forward(unet, x, t, cond, kwargs)}
@@ -478,18 +574,27 @@ def test_unet(benchmark, record, arch, provider):
             per = time_loop(bench, fn, calls=2 if arch.startswith("sdxl") else 5)
             record("unet_step", tag, name, bench, ms=per * 1e3)
 
-        if provider == "fastdiff":
-            run = lambda: fastdiff_loop(unet, latents, ehs, added)  # noqa: E731
+        if provider.startswith("fastdiff"):
+            sampler = fastdiff_sampler(unet, added, compile=provider.endswith("-compile"))
+            run = lambda: fastdiff_loop(sampler, latents, ehs)  # noqa: E731
         else:
             run = lambda: diffusers_loop(model, latents, ehs, added)  # noqa: E731
-        out = run()  # warm-up (and, for torch.compile, the compile and CUDA-graph recording)
+        t0 = time.perf_counter()
+        out = run()  # warm-up (compiles, CUDA-graph capture or recording): timed apart, not in the loop's time
         sync()
+        first_call_s = time.perf_counter() - t0
         finite = bool(torch.isfinite(out).all())
-        loop_bench = _SubBenchmark(provider, rounds=loop_rounds)
-        per_loop = time_loop(loop_bench, run, calls=1)
-        extra = dict(s=per_loop, ms_per_step=per_loop / STEPS * 1e3, finite=finite)
-        if provider == "fastdiff":
+        loop_bench = benchmark if not step_fns else _SubBenchmark(provider, rounds=loop_rounds)
+        if loop_bench is benchmark:
+            loop_bench.pedantic(run, rounds=loop_rounds, iterations=1, warmup_rounds=0)
+            per_loop = benchmark.stats.stats.median
+        else:
+            per_loop = time_loop(loop_bench, run, calls=1)
+        extra = dict(s=per_loop, ms_per_step=per_loop / STEPS * 1e3, finite=finite, first_call_s=first_call_s)
+        if provider in ("fastdiff", "fastdiff-optimize-compile"):
             extra["optimized"] = report.summary()
+        if provider.endswith("-compile"):
+            extra.update(compiled=sampler.runner.compiled, compile_s=sampler.compile_seconds)
         record("loop50", f"{tag} {STEPS} steps euler", provider, loop_bench, **extra)
     finally:
         restore(unet)

@@ -20,6 +20,8 @@ RESULTS: dict = defaultdict(dict)  # (suite, case) -> {provider: (median_s, extr
 # Suites whose goal is set against the best of several competitors rather than the base provider: suite ->
 # (competitors, ours). The table gets a column: the fastest competitor that ran / ours (>= 1.0x meets the goal).
 BEST_OF = {"attention": (("sdpa-flash", "sdpa-cudnn"), "fastdiff"),
+           "attention-graph": (("sdpa-flash", "sdpa-cudnn"), "fastdiff"),
+           "attention-tune": (("sdpa-flash", "sdpa-cudnn"), "fastdiff-tuned"),
            "digits": (("diffusers-compile",), "fastdiff-compile")}
 
 
@@ -43,10 +45,12 @@ def environment() -> dict:
 
 @pytest.fixture
 def record():
-    """record(suite, case, provider, benchmark, **extra): store the median for the session's ratio table."""
+    """record(suite, case, provider, benchmark, **extra): store the median time of one call for the session's ratio
+    table. A bench whose rounds run several calls says how many in ``benchmark.extra_info["calls_per_round"]``
+    (bench_model's ``time_loop`` sizes rounds per provider, so round medians alone are not comparable)."""
 
     def _record(suite: str, case: str, provider: str, benchmark, **extra):
-        median = benchmark.stats.stats.median
+        median = benchmark.stats.stats.median / benchmark.extra_info.get("calls_per_round", 1)
         benchmark.extra_info.update(environment())
         benchmark.extra_info.update(extra)
         RESULTS[(suite, case)][provider] = (median, extra)
@@ -82,8 +86,10 @@ def pytest_sessionfinish(session, exitstatus):
                 ran = [r for r in rivals if r in provs]
                 best = min(ran, key=lambda r: provs[r][0]) if ran else None
                 ratios.append(f"{provs[best][0] / provs[ours][0]:.2f}x ({best})" if best and ours in provs else "-")
-            notes = "; ".join(f"{p}: {provs[p][1]['gbps']:.0f} GB/s" for p in providers
-                              if p in provs and "gbps" in provs[p][1])
+            notes = "; ".join([*(f"{p}: {provs[p][1]['gbps']:.0f} GB/s" for p in providers
+                                 if p in provs and "gbps" in provs[p][1]),
+                               *(f"{p}: {provs[p][1]['tflops']:.0f} TFLOP/s" for p in providers
+                                 if p in provs and "tflops" in provs[p][1])])
             lines.append(f"| {case} | " + " | ".join(times) + " | " + " | ".join(ratios) + f" | {notes} |")
         lines.append("")
     text = "\n".join(lines)

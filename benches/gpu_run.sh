@@ -71,16 +71,17 @@ if ! err=$(python3 -c "import fastdiff._C_cuda" 2>&1); then
 fi
 export FASTDIFF_BENCH_SAVE=1
 # FASTDIFF_PART_TIMEOUT=S stops each part's pytest after S seconds: the archive is written at the end, so a part that
-# overran a device call's limit would otherwise take the logs of the parts before it down with it.
+# overran a device call's limit would otherwise take the logs of the parts before it down with it. SIGINT first: pytest
+# stops like a Ctrl-C and still writes its ratio table and benchmark JSON for the tests that ran (SIGKILL 20 s later).
 part_limit=${FASTDIFF_PART_TIMEOUT:-0}
-limited() { if [ "$part_limit" -gt 0 ]; then timeout -k 10 "$part_limit" "$@"; else "$@"; fi; }
+limited() { if [ "$part_limit" -gt 0 ]; then timeout -s INT -k 20 "$part_limit" "$@"; else "$@"; fi; }
 for what in "${@:-all}"; do
   case "$what" in
     tests|all) limited python3 -m pytest -q -p no:cacheprovider -rs -m "cuda or ext" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;&
     step|all) limited python3 -m pytest -q -p no:cacheprovider benches/bench_step.py --benchmark-only \
                 --benchmark-json="$OUT/bench_step.json" 2>&1 | tee "$OUT/bench_step.log" | tail -60 ;;&
     model|all) [ -f benches/bench_model.py ] && limited python3 -m pytest -q -p no:cacheprovider benches/bench_model.py \
-                --benchmark-only 2>&1 | tee "$OUT/bench_model.log" | tail -40 ;;&
+                --benchmark-only --benchmark-json="$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log" | tail -40 ;;&
     sanitize|all) if ! command -v compute-sanitizer >/dev/null 2>&1; then
                   echo "compute-sanitizer is not on PATH: sanitize part skipped" | tee "$OUT/sanitize.log"
                 else

@@ -254,16 +254,20 @@ class TestCompilesOffline:
         "sm90-bf16-d80-tail": (90, torch.bfloat16, 80, False), "sm90-fp16-d128": (90, torch.float16, 128, True),
         "sm90-fp16-d160-tail": (90, torch.float16, 160, False), "sm80-fp16-d160": (80, torch.float16, 160, True),
         "sm90-fp32-d64": (90, torch.float32, 64, False),
+        # the other branches of config(): short self-attention, cross-attention at fewer queries
+        "sm90-fp16-d160-short": (90, torch.float16, 160, True, 256),
+        "sm80-fp16-d160-cross-short": (80, torch.float16, 160, False, 256),
+        "sm90-fp16-d80-cross-1024": (90, torch.float16, 80, False, 1024),
     }
 
     @staticmethod
-    def compile(arch, dtype, d, even_n, aligned, strides_x8=True):
+    def compile(arch, dtype, d, even_n, aligned, strides_x8=True, seq_q=4096):
         """The kernel as a launch would compile it: ``aligned`` the arguments Triton's launch specialisation marks
         16-divisible (16-byte-aligned pointers, integers divisible by 16), ``strides_x8`` the launcher's hint."""
         from fastdiff.kernels.triton import attention as kern
         from fastdiff.kernels.triton.twin import compile_offline, triton_type
 
-        cfg = kern.config(d, 4096, 4096 if even_n else 77, dtype, interpret=False)
+        cfg = kern.config(d, seq_q, seq_q if even_n else 77, dtype, interpret=False)
         d1, d2 = kern.split_head_dim(d)
         names = kern._attn_fwd_kernel.arg_names
         types = {n: f"*{triton_type(dtype)}" if n.endswith("_ptr") else "fp32" if n == "qk_scale" else "i32"
@@ -280,10 +284,10 @@ class TestCompilesOffline:
         from fastdiff.kernels.triton.twin import resource_usage
 
         monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-        arch, dtype, d, even_n = case
+        arch, dtype, d, even_n, *seq_q = case
         names = kern._attn_fwd_kernel.arg_names
         aligned = tuple(n for n in names if n.endswith("_ptr") or n.startswith(("stride", "seq")))
-        compiled = self.compile(arch, dtype, d, even_n, aligned)
+        compiled = self.compile(arch, dtype, d, even_n, aligned, seq_q=seq_q[0] if seq_q else 4096)
         usage = resource_usage(compiled)
         assert usage["stack"] == 0 and usage["local"] == 0, usage
         assert compiled.metadata.shared <= 227 * 1024

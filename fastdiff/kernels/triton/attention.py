@@ -166,9 +166,10 @@ def split_head_dim(d: int) -> tuple[int, int]:
 
 def config(head_dim: int, seq_q: int, seq_k: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Tile sizes and launch options: a heuristic, not an autotune (no benchmarking inside a CUDA-graph capture,
-    and no GPU time spent tuning at startup). Starting points from FlashAttention-2 / Triton's fused-attention
-    tutorial for sm80 / sm90, register and shared-memory use checked offline (tests/ops/test_attention.py); to be
-    tuned on the H100 (benches/NOTES.md)."""
+    and no GPU time spent tuning at startup). Chosen from a sweep of 13 configs per shape on an H100 (kernel time
+    replayed from a CUDA graph; ``FASTDIFF_BENCH_TUNE=1 benches/bench_model.py``, results in
+    benches/results/NVIDIA_H100_80GB_HBM3-2026-11-26-session3-gpu.md); register and shared-memory use checked
+    offline for sm80 / sm90 (tests/ops/test_attention.py)."""
     if interpret:
         # Small tiles: several query blocks and key tiles, so the online-softmax rescaling and tails are exercised.
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
@@ -177,11 +178,25 @@ def config(head_dim: int, seq_q: int, seq_k: int, dtype: torch.dtype, interpret:
         # fp32 (tests, not a speed target; ``auto`` sends fp32 to SDPA): tl.dot in IEEE fp32 runs on FMA units with
         # big register tiles, so small tiles (no spills up to D = 128 on sm90).
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+    stages = 2 if d1 + d2 > 128 else 3  # K / V pipeline depth: 2 at D = 160 to stay within shared memory
+    if seq_k <= 128:
+        # Cross-attention over a text encoder's 77 tokens: 32-key tiles waste least on the masked tail (77 = 2 x 32
+        # + 13 against 64 + 13), 4 warps. H100, us (the former 128 / 64 / 8 warps -> this): SD1.5 4096 x 77 d40
+        # 12.6 -> 10.0 (128-row tiles keep the most work per program at 4,096 queries), SDXL 1024 x 77 d64
+        # 9.0 -> 6.9, SD1.5 256 x 77 d160 7.0 -> 5.0; cuDNN's SDPA 13.8 / 10.7 / 8.8.
+        if seq_q >= 4096 and d1 + d2 <= 128:  # a 128 x 160 fp32 accumulator on 4 warps spills (sm90, offline)
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if seq_q <= 256:
+        # Short self-attention: 128-row tiles leave most SMs idle (SD1.5's 256 tokens x 16 (batch, head) pairs =
+        # 32 programs on 132 SMs); 64-row tiles double that. H100, SD1.5 256 x 256 d160: 9.6 -> 7.4 us (cuDNN 10.7).
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=stages)
     # 8 warps (two warpgroups on sm90): half the registers per thread of 4 warps (no spills at any head dim with
     # 16-byte-aligned rows, which UNet projections have: token stride H·D = 320 / 640 / 1280, head stride D = 40 /
     # 80 / 160, the latter known to the compiler through the STRIDES_X8 hint), 3-stage K / V pipeline (2 at
-    # D = 160 to stay within shared memory).
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2 if d1 + d2 > 128 else 3)
+    # D = 160 to stay within shared memory). Best of the sweep at 4,096 and 1,024 tokens (within 1 %), yet 0.83x /
+    # 0.95x cuDNN's SDPA there (H100): long self-attention is where this kernel still loses.
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=stages)
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, scale: float,
