@@ -43,24 +43,37 @@ def environment() -> dict:
     return env
 
 
+def record_result(suite: str, case: str, provider: str, benchmark, **extra) -> None:
+    """Store the median time of one call for the session's ratio table. A bench whose rounds run several calls says
+    how many in ``benchmark.extra_info["calls_per_round"]`` (bench_model's ``time_loop`` sizes rounds per provider,
+    so round medians alone are not comparable)."""
+    median = benchmark.stats.stats.median / benchmark.extra_info.get("calls_per_round", 1)
+    benchmark.extra_info.update(environment())
+    benchmark.extra_info.update(extra)
+    RESULTS[(suite, case)][provider] = (median, extra)
+
+
 @pytest.fixture
 def record():
-    """record(suite, case, provider, benchmark, **extra): store the median time of one call for the session's ratio
-    table. A bench whose rounds run several calls says how many in ``benchmark.extra_info["calls_per_round"]``
-    (bench_model's ``time_loop`` sizes rounds per provider, so round medians alone are not comparable)."""
-
-    def _record(suite: str, case: str, provider: str, benchmark, **extra):
-        median = benchmark.stats.stats.median / benchmark.extra_info.get("calls_per_round", 1)
-        benchmark.extra_info.update(environment())
-        benchmark.extra_info.update(extra)
-        RESULTS[(suite, case)][provider] = (median, extra)
-
-    return _record
+    """record(suite, case, provider, benchmark, **extra): :func:`record_result`."""
+    return record_result
 
 
 def pytest_sessionfinish(session, exitstatus):
     if not RESULTS:
         return
+    text, suites = ratio_table()
+    print("\n" + text)
+    if os.environ.get("FASTDIFF_BENCH_SAVE") == "1":
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        tag = device_name().replace(" ", "_").replace("/", "_")
+        path = out / f"{tag}-{datetime.date.today().isoformat()}-{'-'.join(sorted(suites))}.md"
+        path.write_text(text + "\n")
+
+
+def ratio_table() -> tuple[str, list[str]]:
+    """The Markdown ratio tables of everything recorded (one per suite) and the suites' names."""
     lines = [f"# fastdiff benchmark ratios: {environment()}", ""]
     by_suite = defaultdict(list)
     for (suite, case), provs in RESULTS.items():
@@ -92,11 +105,4 @@ def pytest_sessionfinish(session, exitstatus):
                                  if p in provs and "tflops" in provs[p][1])])
             lines.append(f"| {case} | " + " | ".join(times) + " | " + " | ".join(ratios) + f" | {notes} |")
         lines.append("")
-    text = "\n".join(lines)
-    print("\n" + text)
-    if os.environ.get("FASTDIFF_BENCH_SAVE") == "1":
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        tag = device_name().replace(" ", "_").replace("/", "_")
-        path = out / f"{tag}-{datetime.date.today().isoformat()}-{'-'.join(sorted(by_suite))}.md"
-        path.write_text(text + "\n")
+    return "\n".join(lines), list(by_suite)
