@@ -134,6 +134,14 @@ TINY_SHAPES_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_laye
                     "projection_dim": 16, "max_position_embeddings": 24}
 
 
+def tiny_shapes_unet3_config() -> dict:
+    """The shipped three-block layout (latents 16x16 down to a 4x4 mid block) at 8 / 16 / 16 channels."""
+    from fastdiff.models.shapes import pipeline as P
+
+    return {**P.UNET_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 4,
+            "cross_attention_dim": TINY_SHAPES_TEXT["hidden_size"]}
+
+
 def tiny_shapes_unet_config() -> dict:
     """The smallest shapes UNet the tests use: one cross-attention block of 8 channels over the shipped layout."""
     from fastdiff.models.shapes import pipeline as P

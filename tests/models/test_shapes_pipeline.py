@@ -18,11 +18,10 @@ import fastdiff
 from fastdiff.errors import InvalidInput, ModelNotFound
 from fastdiff.models import load_pipeline
 from fastdiff.models.shapes import pipeline as P
-from tests.export.tiny_models import TINY_SHAPES_TEXT, tiny_shapes_pipeline
+from tests.export.tiny_models import TINY_SHAPES_TEXT, tiny_shapes_pipeline, tiny_shapes_unet3_config
 from tests.tolerances import IMG_ATOL
 
-TINY_UNET = {**P.UNET_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 4, "attention_head_dim": 4,
-             "cross_attention_dim": 16}
+TINY_UNET = tiny_shapes_unet3_config()
 PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
 
 

@@ -21,17 +21,19 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import os
 import platform
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fastdiff._atomic import atomic_write_bytes, check_writable, sha256_file
-from fastdiff._checks import cli_int, cli_number
+from fastdiff._atomic import atomic_write_bytes, atomic_write_text, check_writable, sha256_file
+from fastdiff._checks import check_int, cli_int, cli_number
 from fastdiff.errors import InvalidInput
 from fastdiff.models.shapes import pipeline as P
 from fastdiff.models.shapes import render
@@ -54,10 +56,12 @@ class LatentData:
         self.scale = float(self.vae.config.scaling_factor)
 
     @torch.no_grad()
-    def batch(self, start: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    def batch(self, start: int, count: int, with_images: bool = False):
+        """``(latents, captions)``, and the images in [-1, 1] (B, 3, 64, 64) last with ``with_images``."""
         imgs, exs = render.batch(self.seed, start, count)
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return self.vae.encode(x).latent_dist.mode() * self.scale, [e.caption for e in exs]
+        latents, captions = self.vae.encode(x).latent_dist.mode() * self.scale, [e.caption for e in exs]
+        return (latents, captions, x) if with_images else (latents, captions)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -94,16 +98,29 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int = 0, caption_dropout: float = 0.1,
           ema_decay: float = 0.999, out: str | os.PathLike | None = None, resume: bool = False,
           save_every: int = 250, progress: bool = True, log_every: int = 100, command: str | None = None,
-          unet_config: dict | None = None, text_config: dict | None = None, vae: str | os.PathLike | None = None):
+          unet_config: dict | None = None, text_config: dict | None = None, vae: str | os.PathLike | None = None,
+          repa_weight: float = 0.0, repa_layer: str = "mid_block", eval_every: int = 0,
+          curve: str | os.PathLike | None = None, eval_steps: int = 10, eval_seeds: tuple[int, ...] = (0, 1)):
     """Train (or resume) the UNet and text encoder; write the EMA weights to ``out`` (default: the package's
     ``weights/shapes``) with :func:`pipeline.save_components`. ``vae``: a VAE folder (``train shapes-vae --out
     DIR``) to learn the latent space of instead of the shipped one; it is copied to ``out/vae`` so that ``out`` is
     a whole pipeline (:func:`pipeline.load_pipeline` decodes with it). ``unet_config`` / ``text_config``: other
-    architectures than the pipeline's (tests use tiny ones). Returns ``(unet_ema, text_encoder_ema, metadata)``."""
+    architectures than the pipeline's (tests use tiny ones). Returns ``(unet_ema, text_encoder_ema, metadata)``.
+
+    ``repa_weight`` (lambda >= 0): representation alignment (:mod:`fastdiff.models.repa`) of the UNet block
+    ``repa_layer`` to the frozen VAE encoder's features of the clean image (:class:`~fastdiff.models.repa.VaeFeatures`);
+    0 runs the plain loop bit for bit. ``eval_every`` K > 0: every K steps (and at the end) judge the EMA weights
+    (:func:`fastdiff.quality.shapes_eval.evaluate`: the judge's prompts x ``eval_seeds``, ``eval_steps`` sampler
+    steps, the default guidance) and write the points to ``curve`` (JSON); evaluation time is not training time."""
     from tqdm.auto import tqdm
+
+    from fastdiff.models import repa
 
     out = Path(out) if out is not None else P.PIPELINE_DIR
     check_writable(out, "dir")
+    repa_weight = repa.check_weight(repa_weight)
+    eval_every = check_int("eval_every", eval_every, minimum=0)
+    curve = check_writable(curve, "file", what="--curve") if curve is not None else None
     ckpt = out / CHECKPOINT
     if resume and not ckpt.is_file():
         raise InvalidInput(f"--resume: there is no checkpoint {ckpt} to resume from")
@@ -111,16 +128,26 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     tokenizer, _ = P._tokenizer_ids()
     data = LatentData(seed, vae)
     unet, text_encoder = P.build_unet(seed, unet_config), P.build_text_encoder(seed, text_config)
+    if repa_weight > 0:
+        repa.check_layer(repa_layer, unet)
     unet_ema = copy.deepcopy(unet).eval().requires_grad_(False)
     te_ema = copy.deepcopy(text_encoder).eval().requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    align = None
+    if repa_weight > 0:  # hook + projector (its own param group; not saved with the teacher)
+        align = repa.Alignment(types.SimpleNamespace(unet=unet), repa.VaeFeatures(data.vae), layer=repa_layer,
+                               seed=seed)
+        opt.add_param_group({"params": list(align.projector.parameters())})
     g = torch.Generator().manual_seed(seed)  # noise, timesteps and caption dropout
     start, spent = 0, 0.0
     meta = {"command": command or "python -m fastdiff.models.shapes.train_unet " + " ".join(sys.argv[1:]),
             "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "caption_dropout": caption_dropout,
             "ema_decay": ema_decay, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "vae_sha256": vae_sha}
+    if repa_weight > 0:
+        meta.update(repa_weight=repa_weight, repa_layer=repa_layer)
+    points: list[dict] = []
     if resume:
         state = torch.load(ckpt, weights_only=False)
         if state.get("format") != "fastdiff.shapes_unet_checkpoint":
@@ -128,12 +155,20 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         if state["meta"].get("vae_sha256", vae_sha) != vae_sha:
             raise InvalidInput(f"--resume: {ckpt} was trained on another VAE (sha256 differs); resume with the "
                                "same --vae, or start a new --out")
+        was_weight, was_layer = state["meta"].get("repa_weight", 0.0), state["meta"].get("repa_layer")
+        if was_weight != repa_weight or (repa_weight > 0 and was_layer != repa_layer):
+            raise InvalidInput(f"--resume: {ckpt} was trained with --repa-weight {was_weight}"
+                               f"{f' --repa-layer {was_layer}' if was_weight else ''}; resume with the same, or start "
+                               "a new --out")
         for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (unet_ema, "unet_ema"),
                             (te_ema, "text_encoder_ema")):
             module.load_state_dict(state[key])
+        if align is not None:
+            align.projector.load_state_dict(state["projector"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
         start, spent = int(state["step"]), float(state["meta"].get("wall_s", 0.0))
+        points = list(state.get("curve_points", []))
         if start >= steps:
             raise InvalidInput(f"--resume: the checkpoint is at step {start}; ask for more --steps than that")
         meta["resumed_from"] = state["meta"].get("resumed_from", []) + [start]
@@ -142,11 +177,23 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     unet.train()
     text_encoder.train()
     t0 = time.time()
-    avg = None
+    eval_s = 0.0  # time spent judging the curve's points, excluded from the training time
+    avg = align_avg = None
+
+    def checkpoint_state(step_done: int, wall_s: float) -> dict:
+        return {"format": "fastdiff.shapes_unet_checkpoint", "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(), "unet_ema": unet_ema.state_dict(),
+                "text_encoder_ema": te_ema.state_dict(), "opt": opt.state_dict(), "step": step_done,
+                "generator": g.get_state(), "curve_points": points, "meta": {**meta, "wall_s": wall_s},
+                **({"projector": align.projector.state_dict()} if align is not None else {})}
+
     bar = tqdm(range(start, steps), desc="train shapes", initial=start, total=steps, disable=not progress,
                mininterval=2.0)
     for step in bar:
-        x0, captions = data.batch(step * batch_size, batch_size)
+        if align is None:
+            x0, captions = data.batch(step * batch_size, batch_size)
+        else:
+            x0, captions, pixels = data.batch(step * batch_size, batch_size, with_images=True)
         drop = torch.rand(batch_size, generator=g) < caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         t = torch.randint(0, T, (batch_size,), generator=g)
@@ -157,31 +204,70 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10 + 1))
         cond = text_encoder(tokenize(tokenizer, captions))[0]
-        loss = F.mse_loss(unet(xt, t, cond).sample, target)
+        diffusion_loss = F.mse_loss(unet(xt, t, cond).sample, target)
+        loss = diffusion_loss
+        if align is not None:
+            align_loss = align.loss(pixels)
+            loss = diffusion_loss + repa_weight * align_loss
+            align_avg = align_loss.item() if align_avg is None else 0.98 * align_avg + 0.02 * align_loss.item()
         optimizer_step_with_ema(opt, loss, params, ((unet_ema, unet), (te_ema, text_encoder)), ema_decay, step)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
+        # ``avg`` is the diffusion loss alone, comparable with a run without alignment
+        avg = diffusion_loss.item() if avg is None else 0.98 * avg + 0.02 * diffusion_loss.item()
+        bar.set_postfix(loss=f"{avg:.4f}", **({"align": f"{align_avg:.4f}"} if align is not None else {}),
+                        refresh=False)
         if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps} loss {avg:.4f} elapsed {spent + time.time() - t0:.0f}s", flush=True)
+            extra = f" align {align_avg:.4f}" if align is not None else ""
+            print(f"step {step + 1}/{steps} loss {avg:.4f}{extra} elapsed {spent + time.time() - t0 - eval_s:.0f}s",
+                  flush=True)
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            te = time.time()
+            point = {"step": step + 1, "train_s": round(spent + te - t0 - eval_s, 1), "loss_ema": round(avg, 5),
+                     **({"align_loss_ema": round(align_avg, 5)} if align is not None else {}),
+                     **evaluate_ema(unet_ema, te_ema, vae, eval_steps, eval_seeds)}
+            eval_s += time.time() - te
+            points.append(point)
+            print(f"eval step {point['step']}: one-object {100 * point['one_object']:.1f}% two-object "
+                  f"{100 * point['two_object']:.1f}% FD {point['fd']:.1f} (train {point['train_s']:.0f}s, "
+                  f"eval {time.time() - te:.0f}s)", flush=True)
+            if curve is not None:
+                atomic_write_text(curve, json.dumps({**meta, "eval_steps": eval_steps, "eval_seeds": list(eval_seeds),
+                                                     "accuracy_is": "two_object", "points": points}, indent=1) + "\n")
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            _save_checkpoint(ckpt, {
-                "format": "fastdiff.shapes_unet_checkpoint", "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(), "unet_ema": unet_ema.state_dict(),
-                "text_encoder_ema": te_ema.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                "generator": g.get_state(), "meta": {**meta, "wall_s": spent + time.time() - t0}})
-    meta["wall_s"] = round(spent + time.time() - t0, 1)
+            _save_checkpoint(ckpt, checkpoint_state(step + 1, spent + time.time() - t0 - eval_s))
+    if align is not None:
+        align.remove()
+        meta["final_align_loss_ema"] = round(align_avg, 5)
+    meta["wall_s"] = round(spent + time.time() - t0 - eval_s, 1)
     meta["final_loss_ema"] = None if avg is None else round(avg, 5)
     if vae is not None and Path(vae).resolve() != (out / "vae").resolve():
         for name in VAE_FILES:  # the VAE first: save_components' manifest records the sha256 of out/vae
             atomic_write_bytes(out / "vae" / name, (Path(vae) / name).read_bytes())
     P.save_components(unet_ema, te_ema, out, meta)
-    _save_checkpoint(ckpt, {
-        "format": "fastdiff.shapes_unet_checkpoint", "unet": unet.state_dict(),
-        "text_encoder": text_encoder.state_dict(), "unet_ema": unet_ema.state_dict(),
-        "text_encoder_ema": te_ema.state_dict(), "opt": opt.state_dict(), "step": steps,
-        "generator": g.get_state(), "meta": meta})
+    state = checkpoint_state(steps, meta["wall_s"])
+    state["meta"] = meta
+    _save_checkpoint(ckpt, state)
     print(f"saved the shapes UNet and text encoder to {out} after {steps} steps ({meta['wall_s']:.0f}s)", flush=True)
     return unet_ema, te_ema, meta
+
+
+def evaluate_ema(unet_ema, te_ema, vae: str | os.PathLike | None, num_inference_steps: int = 10,
+                 seeds: tuple[int, ...] = (0, 1)) -> dict:
+    """The judge's scores of the EMA networks as a pipeline (saved to a temporary folder in float16, as shipped,
+    decoding with ``vae`` or the shipped VAE): ``{"one_object", "two_object", "accuracy" (= two_object), "fd"}``
+    over the judge's prompts x ``seeds`` at the teacher's default guidance. Sampling uses its own seeded
+    generators, never the training stream."""
+    import tempfile
+
+    from fastdiff.quality.shapes_eval import evaluate
+
+    with tempfile.TemporaryDirectory(prefix="fastdiff-shapes-eval-") as tmp:
+        if vae is not None:
+            for name in VAE_FILES:
+                atomic_write_bytes(Path(tmp) / "vae" / name, (Path(vae) / name).read_bytes())
+        P.save_components(unet_ema, te_ema, tmp, {"note": "a training-curve point"})
+        r = evaluate(tmp, num_inference_steps=num_inference_steps, seeds=seeds, progress=False)
+    return {"one_object": round(r.one_object, 4), "two_object": round(r.two_object, 4),
+            "accuracy": round(r.two_object, 4), "fd": round(r.frechet, 3)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -198,6 +284,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default: the package's weights/shapes)")
     p.add_argument("--vae", default=None, help="a VAE folder from `train shapes-vae --out DIR` to learn the latents "
                    "of (default: the shipped one); copied to OUT/vae")
+    p.add_argument("--repa-weight", type=cli_number(minimum=0.0), default=0.0,
+                   help="representation alignment weight lambda (0: off; REPA's default is 0.5)")
+    p.add_argument("--repa-layer", default="mid_block",
+                   help="UNet block aligned to the VAE encoder's features: down_blocks.0/1/2 or mid_block")
+    p.add_argument("--eval-every", type=cli_int(0), default=0,
+                   help="judge the EMA weights every K steps (one- / two-object, FD) and write --curve (0: never)")
+    p.add_argument("--eval-steps", type=cli_int(1), default=10, help="sampler steps of each curve point")
+    p.add_argument("--curve", default=None, help="JSON file for the quality curve (with --eval-every)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -206,7 +300,8 @@ def run(a: argparse.Namespace, command: str | None = None) -> int:
         torch.set_num_threads(a.threads)
     train(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, caption_dropout=a.caption_dropout,
           ema_decay=a.ema_decay, out=a.out, resume=a.resume, save_every=a.save_every, progress=not a.no_progress,
-          command=command, vae=a.vae)
+          command=command, vae=a.vae, repa_weight=a.repa_weight, repa_layer=a.repa_layer, eval_every=a.eval_every,
+          curve=a.curve, eval_steps=a.eval_steps)
     return 0
 
 
