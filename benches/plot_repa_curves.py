@@ -1,11 +1,12 @@
-"""Plot quality-vs-step curves of digits teachers trained with and without REPA, and say how many steps each took to
-reach the baseline's final quality.
+"""Plot quality-vs-step curves of digits or shapes teachers trained with and without REPA, and say how many steps
+each took to reach the baseline's final quality.
 
 ``python -m benches.plot_repa_curves BASELINE.json RUN.json [RUN.json ...] --out docs/repa_curves.png``
 
-Each JSON is a ``--curve`` file of ``python -m fastdiff train digits --eval-every K`` (the points hold ``step``,
-``train_s``, ``fd`` and ``accuracy`` of the EMA weights). The summary (printed, and written next to the plot as
-``.summary.json``) gives, per run, the first evaluated step whose FD is at or below the baseline's final FD.
+Each JSON is a ``--curve`` file of ``python -m fastdiff train digits|shapes --eval-every K`` (the points hold
+``step``, ``train_s``, ``fd`` and ``accuracy`` of the EMA weights; for shapes ``accuracy`` is the two-object
+score). The summary (printed, and written next to the plot as ``.summary.json``) gives, per run, the first evaluated
+step whose FD is at or below the baseline's final FD.
 """
 
 from __future__ import annotations
@@ -62,15 +63,23 @@ def main(argv: list[str] | None = None) -> int:
         ax_acc.plot(steps, [100 * pt["accuracy"] for pt in c["points"]], marker="o", ms=3, label=label(c))
     target = curves[0]["points"][-1]["fd"]
     ax_fd.axhline(target, color="grey", ls=":", lw=1, label=f"baseline final FD {target:.1f}")
-    ax_fd.set(xlabel="training step (batch 128)", ylabel="Frechet distance (judge features)", yscale="log",
-              title="digits teacher: FD of the EMA weights")
-    ax_acc.set(xlabel="training step (batch 128)", ylabel="conditional accuracy (%)", title="accuracy (judge)")
-    n = curves[0].get("eval_per_class")
+    shapes = curves[0].get("accuracy_is") == "two_object"  # a `train shapes --curve` file
+    xlabel = f"training step (batch {curves[0].get('batch_size', 128)})"
+    ax_fd.set(xlabel=xlabel, ylabel="Frechet distance (judge features)", yscale="log",
+              title=f"{'shapes' if shapes else 'digits'} teacher: FD of the EMA weights")
+    ax_acc.set(xlabel=xlabel, ylabel="two-object prompts fully correct (%)" if shapes else "conditional accuracy (%)",
+               title="prompt adherence (judge)" if shapes else "accuracy (judge)")
     for ax in (ax_fd, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"same seed, same data order; each point: {n or 20} samples per digit, DPM-Solver++ 10 steps, CFG 1.5",
-                 fontsize=9)
+    if shapes:
+        seeds = curves[0].get("eval_seeds", [])
+        note = (f"each point: the judge's 111 prompts x {len(seeds)} seeds, DPM-Solver++ "
+                f"{curves[0].get('eval_steps')} steps, CFG 5")
+    else:
+        note = (f"each point: {curves[0].get('eval_per_class') or 20} samples per digit, DPM-Solver++ 10 steps, "
+                "CFG 1.5")
+    fig.suptitle(f"same seed, same data order; {note}", fontsize=9)
     fig.tight_layout()
     import io
 
