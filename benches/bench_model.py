@@ -40,6 +40,7 @@ FASTDIFF_BENCH_DRYRUN=1 (CPU, tiny shapes and UNets: checks this file's plumbing
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -120,8 +121,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_loop(benchmark, fn, calls: int | None = None) -> float:
-    """Run ``fn`` in rounds of several calls (then one sync) under pytest-benchmark; return seconds per call.
+def time_loop(benchmark, fn, calls: int | None = None, rounds: int = ROUNDS) -> float:
+    """Run ``fn`` in ``rounds`` rounds of several calls (then one sync) under pytest-benchmark; return seconds per
+    call.
 
     Without ``calls``: warm up, then size the rounds to ~TARGET_ROUND_S from one timed call. With ``calls`` (the
     UNet loops, already warmed up by the caller): exactly that many calls per round, no extra warm-up."""
@@ -140,7 +142,7 @@ def time_loop(benchmark, fn, calls: int | None = None) -> float:
             fn()
         sync()
 
-    benchmark.pedantic(round_, rounds=ROUNDS, iterations=1, warmup_rounds=warmup)
+    benchmark.pedantic(round_, rounds=rounds, iterations=1, warmup_rounds=warmup)
     # Rounds of different providers hold different numbers of calls: the ratio table must divide (conftest.record).
     benchmark.extra_info["calls_per_round"] = calls
     return benchmark.stats.stats.median / calls
@@ -186,7 +188,7 @@ class _Fixed:
     """A measured time in the ``record`` fixture's benchmark surface (``stats.stats.median``, ``extra_info``)."""
 
     def __init__(self, seconds: float):
-        self.stats = type("Stats", (), {"stats": type("S", (), {"median": seconds})()})()
+        self.stats = _SubBenchmark._Stats(seconds)
         self.extra_info: dict = {}
 
 
@@ -250,23 +252,24 @@ def test_attention(benchmark, record, case, provider):
         fn = rotating(lambda q, k, v: attention(q, k, v, backend="triton" if DEVICE == "cuda" else "auto"), sets)
     else:
         fn = rotating(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), sets)
+    pinned = contextlib.nullcontext()
     if provider in SDPA_BACKENDS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         # Pinned for the whole timing (not per call: entering the context costs host time that small shapes
-        # would show). A backend that cannot run this case raises here, before any timing.
-        with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[provider])):
+        # would show).
+        pinned = sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[provider]))
+    label = f"{case} {str(DTYPE)[6:]}"
+    with pinned:
+        if provider in SDPA_BACKENDS:  # a backend that cannot run this case raises here, before any timing
             try:
                 fn()
                 sync()
             except RuntimeError as e:
                 pytest.skip(f"{provider} cannot run {case} {DTYPE}: {str(e).strip().splitlines()[0][:200]}")
-            per = time_loop(benchmark, fn)
-            record_graph(record, "attention", f"{case} {str(DTYPE)[6:]}", provider, fn, len(sets), flop=flop)
-    else:
         per = time_loop(benchmark, fn)
-        record_graph(record, "attention", f"{case} {str(DTYPE)[6:]}", provider, fn, len(sets), flop=flop)
-    record("attention", f"{case} {str(DTYPE)[6:]}", provider, benchmark, tflops=flop / per / 1e12, us=per * 1e6)
+        record_graph(record, "attention", label, provider, fn, len(sets), flop=flop)
+    record("attention", label, provider, benchmark, tflops=flop / per / 1e12, us=per * 1e6)
 
 
 @pytest.mark.parametrize("provider", ["diffusers", "fastdiff", "fastdiff-cxx", "copy"])
@@ -584,12 +587,9 @@ def test_unet(benchmark, record, arch, provider):
         sync()
         first_call_s = time.perf_counter() - t0
         finite = bool(torch.isfinite(out).all())
-        loop_bench = benchmark if not step_fns else _SubBenchmark(provider, rounds=loop_rounds)
-        if loop_bench is benchmark:
-            loop_bench.pedantic(run, rounds=loop_rounds, iterations=1, warmup_rounds=0)
-            per_loop = benchmark.stats.stats.median
-        else:
-            per_loop = time_loop(loop_bench, run, calls=1)
+        # the loop takes pytest-benchmark's own fixture where no step timing above used it (one use per test)
+        loop_bench = benchmark if not step_fns else _SubBenchmark(provider)
+        per_loop = time_loop(loop_bench, run, calls=1, rounds=loop_rounds)
         extra = dict(s=per_loop, ms_per_step=per_loop / STEPS * 1e3, finite=finite, first_call_s=first_call_s)
         if provider in ("fastdiff", "fastdiff-optimize-compile"):
             extra["optimized"] = report.summary()
@@ -610,15 +610,15 @@ class _SubBenchmark:
         def __init__(self, median):
             self.stats = type("S", (), {"median": median})()
 
-    def __init__(self, name: str, rounds: int | None = None):
-        self.name, self.rounds, self.extra_info = name, rounds, {}
+    def __init__(self, name: str):
+        self.name, self.extra_info = name, {}
         self.stats = None
 
     def pedantic(self, fn, rounds: int, iterations: int = 1, warmup_rounds: int = 0):
         for _ in range(warmup_rounds):
             fn()
         times = []
-        for _ in range(self.rounds or rounds):
+        for _ in range(rounds):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
