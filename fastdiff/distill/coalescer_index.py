@@ -178,10 +178,6 @@ def read_build_manifest(out: Path, fmt: str = FORMAT, what: str = "coalescer ind
     return m
 
 
-def _read_manifest(out: Path) -> dict | None:
-    return read_build_manifest(out)
-
-
 def _check_spec(out: Path, spec, fmt: str = FORMAT, what: str = "coalescer index") -> dict:
     m = read_build_manifest(out, fmt, what)
     if m is None:
@@ -289,7 +285,7 @@ def load_index(path: str | os.PathLike, model: str | None = None) -> CoalescerIn
     if fmt == "fastdiff.text_coalescer_index":
         raise InvalidInput(f"the index at {path} is a text (shapes) coalescer index: train on it with "
                            "`coalescer-train --model shapes`")
-    m = _read_manifest(out) if out.is_dir() else None
+    m = read_build_manifest(out) if out.is_dir() else None
     if m is None or "files" not in m:
         raise InvalidInput(f"no complete coalescer index at {path} (expected {MANIFEST} with its files; build one "
                            "with `python -m fastdiff distill coalescer-index`)")

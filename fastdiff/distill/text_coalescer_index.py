@@ -141,10 +141,6 @@ def encode_pairs(encoder: ShapesEncoder, seed: int, start: int, count: int) -> d
     return {"latent": encoder.encode(images), "embedding": encoder.embed(captions), "captions": captions}
 
 
-def _read_manifest(out: Path) -> dict | None:
-    return read_build_manifest(out, FORMAT, "text coalescer index")
-
-
 def build_shards(spec: TextIndexSpec, out: Path, encoder: ShapesEncoder, rank: int = 0, world_size: int = 1,
                  progress: bool = True) -> list[int]:
     """Render and encode this rank's missing shards (a shard file that exists is complete: written atomically)."""
@@ -230,7 +226,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
         if fmt == "fastdiff.coalescer_index":
             raise InvalidInput(f"the index at {path} is a label (digits) coalescer index, not a text one; build one "
                                "with `python -m fastdiff distill coalescer-index --model shapes`")
-    m = _read_manifest(out) if out.is_dir() else None
+    m = read_build_manifest(out, FORMAT, "text coalescer index") if out.is_dir() else None
     if m is None or "files" not in m:
         raise InvalidInput(f"no complete text coalescer index at {path} (expected {MANIFEST} with its files; build "
                            "one with `python -m fastdiff distill coalescer-index --model shapes`)")
