@@ -128,14 +128,12 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     tokenizer, _ = P._tokenizer_ids()
     data = LatentData(seed, vae)
     unet, text_encoder = P.build_unet(seed, unet_config), P.build_text_encoder(seed, text_config)
-    if repa_weight > 0:
-        repa.check_layer(repa_layer, unet)
     unet_ema = copy.deepcopy(unet).eval().requires_grad_(False)
     te_ema = copy.deepcopy(text_encoder).eval().requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     align = None
-    if repa_weight > 0:  # hook + projector (its own param group; not saved with the teacher)
+    if repa_weight > 0:  # hook + projector (its own param group; not saved with the teacher); checks repa_layer
         align = repa.Alignment(types.SimpleNamespace(unet=unet), repa.VaeFeatures(data.vae), layer=repa_layer,
                                seed=seed)
         opt.add_param_group({"params": list(align.projector.parameters())})
@@ -144,9 +142,8 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     meta = {"command": command or "python -m fastdiff.models.shapes.train_unet " + " ".join(sys.argv[1:]),
             "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "caption_dropout": caption_dropout,
             "ema_decay": ema_decay, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": f"{platform.machine()} {os.cpu_count()} cores", "vae_sha256": vae_sha}
-    if repa_weight > 0:
-        meta.update(repa_weight=repa_weight, repa_layer=repa_layer)
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "vae_sha256": vae_sha,
+            **({"repa_weight": repa_weight, "repa_layer": repa_layer} if align is not None else {})}
     points: list[dict] = []
     if resume:
         state = torch.load(ckpt, weights_only=False)
