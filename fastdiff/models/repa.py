@@ -80,14 +80,19 @@ class Alignment(nn.Module):
         self._hook.remove()
         self._feature = None
 
-    def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """Mean over batch and tokens of ``1 - cos(projector(UNet token), encoder token of x0)``."""
+    def loss(self, x0: torch.Tensor | None = None, *, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over batch and tokens of ``1 - cos(projector(UNet token), encoder token of x0)``. ``target``: the
+        encoder's features of x0 when the caller already has them (the shapes trainer catches them while the VAE
+        encodes the batch), instead of ``x0``."""
+        if (x0 is None) == (target is None):
+            raise TypeError("Alignment.loss takes x0 or target=, exactly one of them")
         h = self._feature
         if h is None:
             raise RuntimeError("Alignment.loss called before a forward pass of the model")
         self._feature = None
-        with torch.no_grad():
-            target = self.encoder(x0)  # (B, D, h, w): 4x4 for the digits encoder
+        if target is None:
+            with torch.no_grad():
+                target = self.encoder(x0)  # (B, D, h, w): 4x4 for the digits encoder
         # Both maps on the coarser of the two grids (average pooling): the digits UNet's 8x8 -> the encoder's 4x4,
         # the shapes VAE encoder's 16x16 -> the shapes UNet's 4x4 mid block.
         grid = tuple(min(a, b) for a, b in zip(h.shape[-2:], target.shape[-2:], strict=True))

@@ -32,6 +32,36 @@ def test_vae_features_are_the_encoders_mid_block():
     assert torch.equal(feats, e.mid_block(h))
 
 
+def test_latent_batch_catches_the_repa_target_during_its_own_encode():
+    from fastdiff.models.shapes import render
+
+    data = train_unet.LatentData(0)
+    latents, captions = data.batch(5, 3)
+    latents2, captions2, feats = data.batch(5, 3, with_features=True)
+    assert torch.equal(latents, latents2) and captions == captions2  # the hook changes nothing it watches
+    imgs, _ = render.batch(0, 5, 3)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    assert torch.equal(feats, repa.VaeFeatures(data.vae)(x))  # what a second encoder pass would have computed
+    assert not data.vae.encoder.mid_block._forward_hooks  # the hook is gone after the batch
+
+
+def test_alignment_loss_takes_a_precomputed_target():
+    unet = P.build_unet(0, TINY_UNET)
+    enc = repa.VaeFeatures(train_unet.LatentData(0).vae)
+    align = repa.Alignment(type("M", (), {"unet": unet})(), enc, layer="mid_block", seed=0)
+    x0 = torch.rand(2, 3, 64, 64) * 2 - 1
+    args = (torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 24, TINY_SHAPES_TEXT["hidden_size"]))
+    unet(*args)
+    from_images = align.loss(x0)
+    unet(*args)
+    assert torch.equal(align.loss(target=enc(x0)), from_images)
+    unet(*args)
+    with pytest.raises(TypeError, match="exactly one"):
+        align.loss(x0, target=enc(x0))
+    with pytest.raises(TypeError, match="exactly one"):
+        align.loss()
+
+
 def test_alignment_pools_the_finer_map_to_the_coarser_grid():
     unet = P.build_unet(0, TINY_UNET)
     enc = repa.VaeFeatures(train_unet.LatentData(0).vae)

@@ -56,12 +56,22 @@ class LatentData:
         self.scale = float(self.vae.config.scaling_factor)
 
     @torch.no_grad()
-    def batch(self, start: int, count: int, with_images: bool = False):
-        """``(latents, captions)``, and the images in [-1, 1] (B, 3, 64, 64) last with ``with_images``."""
+    def batch(self, start: int, count: int, with_features: bool = False):
+        """``(latents, captions)``; with ``with_features`` also, last, the VAE encoder's mid-block features of the
+        images (REPA's target, what :class:`~fastdiff.models.repa.VaeFeatures` computes), caught by a hook during
+        this same encode instead of a second pass through the encoder's trunk."""
         imgs, exs = render.batch(self.seed, start, count)
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        latents, captions = self.vae.encode(x).latent_dist.mode() * self.scale, [e.caption for e in exs]
-        return (latents, captions, x) if with_images else (latents, captions)
+        caught: list[torch.Tensor] = []
+        hook = (self.vae.encoder.mid_block.register_forward_hook(lambda _m, _i, out: caught.append(out))
+                if with_features else None)
+        try:
+            latents = self.vae.encode(x).latent_dist.mode() * self.scale
+        finally:
+            if hook is not None:
+                hook.remove()
+        captions = [e.caption for e in exs]
+        return (latents, captions, caught[0]) if with_features else (latents, captions)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -190,7 +200,7 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         if align is None:
             x0, captions = data.batch(step * batch_size, batch_size)
         else:
-            x0, captions, pixels = data.batch(step * batch_size, batch_size, with_images=True)
+            x0, captions, vae_features = data.batch(step * batch_size, batch_size, with_features=True)
         drop = torch.rand(batch_size, generator=g) < caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         t = torch.randint(0, T, (batch_size,), generator=g)
@@ -204,7 +214,7 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         diffusion_loss = F.mse_loss(unet(xt, t, cond).sample, target)
         loss = diffusion_loss
         if align is not None:
-            align_loss = align.loss(pixels)
+            align_loss = align.loss(target=vae_features)
             loss = diffusion_loss + repa_weight * align_loss
             align_avg = align_loss.item() if align_avg is None else 0.98 * align_avg + 0.02 * align_loss.item()
         optimizer_step_with_ema(opt, loss, params, ((unet_ema, unet), (te_ema, text_encoder)), ema_decay, step)
