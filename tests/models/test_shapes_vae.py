@@ -3,6 +3,7 @@ bit-for-bit (a few steps of batch 2; the quality of a real run is measured by th
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,3 +66,35 @@ def test_shipped_vae_reconstructions_pass_the_judge():
         y = train_vae.reconstruct(vae, x)
         s = J.score(J.shipped(), (y + 1) / 2, [caption(sc.spec) for sc in scenes])
         assert (s.one_object if n_obj == 1 else s.two_object) >= VAE_MIN_JUDGE
+
+
+def test_cosine_schedule_changes_training_resumes_and_is_checked(tmp_path):
+    kw = dict(batch_size=2, save_every=2, progress=False, report_size=0, scale_size=4)
+    train_vae.train(steps=4, out=tmp_path / "constant", **kw)
+    train_vae.train(steps=4, out=tmp_path / "cosine", lr_schedule="cosine", **kw)
+    assert (tmp_path / "constant" / WEIGHTS).read_bytes() != (tmp_path / "cosine" / WEIGHTS).read_bytes()
+    train_vae.train(steps=2, out=tmp_path / "resumed", lr_schedule="cosine", **kw)
+    with pytest.raises(InvalidInput, match="lr-schedule cosine"):
+        train_vae.train(steps=4, out=tmp_path / "resumed", resume=True, **kw)
+    train_vae.train(steps=4, out=tmp_path / "resumed", resume=True, lr_schedule="cosine", **kw)
+    assert (tmp_path / "cosine" / WEIGHTS).read_bytes() == (tmp_path / "resumed" / WEIGHTS).read_bytes()
+    with pytest.raises(InvalidInput, match="lr_schedule"):
+        train_vae.train(steps=2, out=tmp_path / "bad", lr_schedule="linear", **kw)
+
+
+def test_shape_contrast_is_the_scaled_latent_distance_of_circle_and_square():
+    vae = diffusers.AutoencoderKL.from_pretrained(str(train_vae.VAE_DIR)).float()
+    base = train_vae.shape_contrast(vae, n=8)
+    assert base > 1.0  # the shipped VAE tells circle from square (measured 10.6 over 64 placements)
+    vae.register_to_config(scaling_factor=2 * vae.config.scaling_factor)
+    assert train_vae.shape_contrast(vae, n=8) == pytest.approx(2 * base, rel=1e-5)  # in the UNet's units
+    # one placement by hand: the same colour, size and centre, two shapes
+    from fastdiff.models.shapes import render
+
+    rng = render.rng_for(train_vae.HELD_OUT_SEED, 2**40)
+    r, (cx, cy) = rng.uniform(*render.RADIUS["small"]), rng.uniform(16.0, 48.0, 2)
+    imgs = [render.render_objects([render.PlacedObject(s, "red", "small", cx, cy, r)]) for s in ("circle", "square")]
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+    assert train_vae.shape_contrast(vae, n=1) == pytest.approx((z[0] - z[1]).norm().item(), rel=1e-5)
