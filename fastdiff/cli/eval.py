@@ -204,6 +204,8 @@ def _run_shapes(args: argparse.Namespace) -> int:
     else:
         results = [E.evaluate(args.model, args.steps, args.guidance, seeds, backend=args.backend, device=device)]
         print(E.format_table(results))
+        print("why images failed (share of all images of that prompt kind):")
+        print(E.format_errors(results))
         r = results[0]
         verdict = " ".join(f"{k.replace('_', ' ')} {'met' if getattr(r, k) >= v else 'MISSED'} (goal {100 * v:.0f} %)"
                            for k, v in E.goals_for(args.model).items())

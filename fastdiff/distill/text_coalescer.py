@@ -57,7 +57,7 @@ def evaluate(model="shapes-coalescer", steps: int | None = None, guidance: float
                          two_object=sc.two_object, size_accuracy=sc.size_accuracy, frechet=fd,
                          ms_per_image=1000 * seconds / len(image_prompts), images=len(image_prompts),
                          backend="coalescer" if threshold is None else f"coalescer adaptive {threshold:g}",
-                         device=_device_name())
+                         device=_device_name(), errors=sc.error_rates())
     return r, float(used.float().mean())
 
 

@@ -17,7 +17,7 @@ import io
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,8 @@ class ShapesEvalResult:
     images: int
     backend: str
     device: str
+    #: why images failed: ``ShapesScore.error_rates()`` (fractions of one- / two-object images per error kind)
+    errors: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """The fields, NaN (no prompt named a size) as None so the JSON is standard."""
@@ -116,7 +118,7 @@ def evaluate(model="shapes", num_inference_steps: int | None = None, guidance_sc
     return ShapesEvalResult(model=str(label), steps=steps, guidance=g, one_object=sc.one_object,
                             two_object=sc.two_object, size_accuracy=sc.size_accuracy, frechet=fd,
                             ms_per_image=1000 * seconds / len(image_prompts), images=len(image_prompts),
-                            backend=backend, device=_device_name())
+                            backend=backend, device=_device_name(), errors=sc.error_rates())
 
 
 def sweep(model="shapes", guidances=SWEEP_GUIDANCE, num_inference_steps: int | None = None, seeds=None,
@@ -146,12 +148,29 @@ def format_table(results: list[ShapesEvalResult]) -> str:
     return "\n".join(rows)
 
 
+def format_errors(results: list[ShapesEvalResult]) -> str:
+    """A Markdown table of why images failed: per evaluation and prompt kind, the percentage of images failing for
+    each error kind of the judge (:data:`~fastdiff.quality.shapes_judge.ERROR_KINDS`); "" when no result has them."""
+    from fastdiff.quality.shapes_judge import ERROR_KINDS
+
+    rows = [f"| model | CFG | prompts | {' | '.join(ERROR_KINDS)} |", "|---|---|---|" + "---|" * len(ERROR_KINDS)]
+    for r in results:
+        for key, rates in r.errors.items():
+            cells = " | ".join(f"{100 * rates.get(k, 0.0):.1f} %" for k in ERROR_KINDS)
+            rows.append(f"| {r.model} | {r.guidance:g} | {key.replace('_', ' ')} | {cells} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def write_results(results: list[ShapesEvalResult], out: str | os.PathLike, stem: str, note: str = "") -> list[Path]:
-    """``out/stem.md`` (table + note) and ``out/stem.json``; ``out/stem.png`` too for a sweep (several scales)."""
+    """``out/stem.md`` (table, why images failed, note) and ``out/stem.json``; ``out/stem.png`` too for a sweep
+    (several scales)."""
     import json
 
     out = Path(out)
-    written = [atomic_write_text(out / f"{stem}.md", format_table(results) + ("\n\n" + note if note else "") + "\n"),
+    errors = format_errors(results)
+    text = format_table(results) + (f"\n\nWhy images failed (share of all images of that prompt kind):\n\n{errors}"
+                                    if errors else "") + ("\n\n" + note if note else "") + "\n"
+    written = [atomic_write_text(out / f"{stem}.md", text),
                atomic_write_text(out / f"{stem}.json", json.dumps([r.as_dict() for r in results], indent=1) + "\n")]
     if len(results) > 1:
         written.append(plot_sweep(results, out / f"{stem}.png"))

@@ -183,13 +183,54 @@ def check(spec: SceneSpec, dets: list[Detection], sizes: bool = False) -> bool:
     return False
 
 
+#: why an image fails its prompt (:func:`error_kind`), in the order they are told apart
+ERROR_KINDS = ("count", "colour", "shape", "colour and shape", "binding", "position", "relation")
+
+
+def error_kind(spec: SceneSpec, dets: list[Detection]) -> str | None:
+    """Why detections ``dets`` fail the scene ``spec`` (None: fully correct by :func:`check`), the first that
+    applies of :data:`ERROR_KINDS`: ``count`` (not the named number of objects); the named colours / shapes not all
+    there (``colour``, ``shape``, ``colour and shape``; for two objects compared as multisets); ``binding`` (two
+    objects: every named colour and shape there, on the wrong objects); else ``position`` (one object) or
+    ``relation`` (two objects, each right)."""
+    if check(spec, dets):
+        return None
+    if len(dets) != spec.num_objects:
+        return "count"
+    if spec.num_objects == 1:
+        o, d = spec.objects[0], dets[0]
+        colour_ok, shape_ok, rest = o.color == d.color, o.shape == d.shape, "position"
+    else:
+        a, b = spec.objects
+        if any(_same(a, da) and _same(b, db) for da, db in ((dets[0], dets[1]), (dets[1], dets[0]))):
+            return "relation"
+        colour_ok = sorted(o.color for o in spec.objects) == sorted(d.color for d in dets)
+        shape_ok = sorted(o.shape for o in spec.objects) == sorted(d.shape for d in dets)
+        rest = "binding"
+    if colour_ok and shape_ok:
+        return rest
+    return "colour" if shape_ok else "shape" if colour_ok else "colour and shape"
+
+
 @dataclass
 class ShapesScore:
-    """Per prompt: fully correct (and parsed spec); fractions for one- and two-object prompts."""
+    """Per prompt: fully correct (and parsed spec), why not (:func:`error_kind`); fractions for one- and two-object
+    prompts."""
 
     correct: list[bool]
     specs: list[SceneSpec]
     size_correct: list[bool | None] = field(default_factory=list)  # None: the prompt names no size
+    errors: list[str | None] = field(default_factory=list)  # None: fully correct
+
+    def error_rates(self) -> dict[str, dict[str, float]]:
+        """``{"one_object" | "two_object": {kind: fraction of those prompts' images failing for it}}`` over every
+        kind of :data:`ERROR_KINDS` (zeros included); a kind with no prompts is left out."""
+        out = {}
+        for n, key in ((1, "one_object"), (2, "two_object")):
+            kinds = [e for e, s in zip(self.errors, self.specs, strict=True) if s.num_objects == n]
+            if kinds:
+                out[key] = {k: kinds.count(k) / len(kinds) for k in ERROR_KINDS}
+        return out
 
     def _frac(self, n: int) -> float:
         hits = [c for c, s in zip(self.correct, self.specs, strict=True) if s.num_objects == n]
@@ -219,10 +260,11 @@ def score(model: ShapesDetector, images, prompts: list[str]) -> ShapesScore:
     if x.shape[0] != len(specs):
         raise InvalidInput(f"{x.shape[0]} images for {len(specs)} prompts; give one prompt per image")
     dets = detect(model, x)
-    correct = [check(s, d) for s, d in zip(specs, dets, strict=True)]
+    errors = [error_kind(s, d) for s, d in zip(specs, dets, strict=True)]
+    correct = [e is None for e in errors]
     sized = [(c and check(s, d, sizes=True)) if any(o.size for o in s.objects) else None
              for s, d, c in zip(specs, dets, correct, strict=True)]
-    return ShapesScore(correct, specs, sized)
+    return ShapesScore(correct, specs, sized, errors)
 
 
 @torch.no_grad()

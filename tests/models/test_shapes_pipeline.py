@@ -285,6 +285,24 @@ def test_eval_scores_images_against_their_prompts(tiny_pipe):
                    progress=False)
     assert r.images == 2 and r.steps == 1 and 0 <= r.one_object <= 1 and np.isfinite(r.frechet)
     assert "| pipeline | 1 | 1 |" in E.format_table([r])
+    for key, frac in (("one_object", r.one_object), ("two_object", r.two_object)):  # PROMPTS has one of each
+        assert sum(r.errors[key].values()) == pytest.approx(1 - frac)
+    table = E.format_errors([r])
+    assert table.count("\n") == 3 and "| pipeline | 1 | one object |" in table and "binding" in table
+    assert E.format_errors([E.ShapesEvalResult("x", 1, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1, "auto", "cpu")]) == ""
+
+
+def test_eval_cli_prints_and_records_why_images_failed(tiny_dir, tmp_path, capsys):
+    from fastdiff.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_dir), "--steps", "1", "--guidance", "1", "--num-seeds", "1",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "why images failed" in printed and "| two object |" in printed
+    (r,) = json.loads(out.read_text())
+    assert set(r["errors"]) == {"one_object", "two_object"}
+    assert sum(r["errors"]["two_object"].values()) == pytest.approx(1 - r["two_object"])
 
 
 def test_eval_cli_refuses_digits_flags(tmp_path):

@@ -75,6 +75,42 @@ def test_fully_correct_rule():
     assert not J.check(two, [a, _d(45, 36, "circle", "blue")])
 
 
+def test_error_kind_names_the_first_failing_attribute():
+    one = parse_caption("a red circle on the left")
+    cases = [([_d(17, 30)], None), ([], "count"), ([_d(17, 30), _d(48, 32, "square")], "count"),
+             ([_d(17, 30, color="blue")], "colour"), ([_d(17, 30, "square")], "shape"),
+             ([_d(17, 30, "square", "blue")], "colour and shape"), ([_d(32, 32)], "position")]
+    for dets, kind in cases:
+        assert J.error_kind(one, dets) == kind, (dets, kind)
+        assert (kind is None) == J.check(one, dets)
+    two = parse_caption("a red circle left of a blue square")
+    cases = [([_d(15, 30), _d(45, 36, "square", "blue")], None),
+             ([_d(45, 30), _d(15, 36, "square", "blue")], "relation"),  # both right, right of instead
+             ([_d(15, 30, "square"), _d(45, 36, "circle", "blue")], "binding"),  # red square + blue circle
+             ([_d(15, 30, color="blue"), _d(45, 36, "square", "red")], "binding"),
+             ([_d(15, 30), _d(45, 36, "circle", "blue")], "shape"),
+             ([_d(15, 30), _d(45, 36, "square", "green")], "colour"),
+             ([_d(15, 30, "triangle"), _d(45, 36, "square", "green")], "colour and shape"),
+             ([_d(15, 30)], "count")]
+    for dets, kind in cases:
+        assert J.error_kind(two, dets) == kind, (dets, kind)
+        assert (kind is None) == J.check(two, dets)
+    assert set(J.ERROR_KINDS) == {k for _, k in cases if k} | {"position"}
+
+
+def test_score_reports_why_images_failed(judge):
+    prompts = ["a red circle", "a blue square", "a red circle left of a blue square"]
+    images = J.reference_images(prompts)
+    wrong = J.reference_images(["a red square", "a green square", "a blue circle left of a red square"])
+    s = J.score(judge, np.concatenate([images, wrong]), prompts * 2)
+    assert s.errors == [None, None, None, "shape", "colour", "binding"]
+    rates = s.error_rates()
+    assert rates["one_object"]["shape"] == rates["one_object"]["colour"] == 0.25
+    assert rates["two_object"]["binding"] == 0.5
+    for key, frac in (("one_object", s.one_object), ("two_object", s.two_object)):
+        assert sum(rates[key].values()) == pytest.approx(1 - frac)
+
+
 def test_image_forms_agree_and_bad_inputs_are_refused(judge):
     imgs, exs = render.batch(1, 0, 6)
     want = J.detect(judge, imgs)
