@@ -47,8 +47,9 @@ from fastdiff.distill.train import onestep_scheduler_config, output_x0_at_last_s
 from fastdiff.distill.triplets import load_triplets
 from fastdiff.errors import InvalidInput
 from fastdiff.models.generate import sample_seed
+from fastdiff.models.lr_schedule import default_warmup, set_lr
 from fastdiff.models.registry import WEIGHTS_DIR
-from fastdiff.models.train_digits import lr_at, optimizer_step_with_ema
+from fastdiff.models.train_digits import optimizer_step_with_ema
 
 NAME = "shapes-onestep"
 STUDENT_DIR = WEIGHTS_DIR / NAME
@@ -161,8 +162,7 @@ def train(pipe, triplets: dict, out: str | os.PathLike, work: str | os.PathLike,
                disable=not progress, mininterval=2.0)
     for step in bar:
         idx = batch_indices(seed, step, n, batch_size)
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        set_lr(opt, step, steps, lr, default_warmup(steps, cap=100))
         loss = F.mse_loss(student_latents(unet, text, z[idx], ids[idx], t_last), x0[idx])
         optimizer_step_with_ema(opt, loss, params, ((unet_ema, unet), (text_ema, text)), ema_decay, step)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()

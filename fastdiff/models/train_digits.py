@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from fastdiff._atomic import atomic_write_text, check_writable
 from fastdiff._checks import check_int, cli_int, cli_number
 from fastdiff.models import digits, repa, repa_encoder
+from fastdiff.models.lr_schedule import default_warmup, set_lr
 from fastdiff.models.registry import WEIGHTS_DIR, save
 
 
@@ -63,14 +63,6 @@ def optimizer_step_with_ema(opt, loss: torch.Tensor, params, ema_pairs, ema_deca
     decay = min(ema_decay, (1 + step) / (10 + step))
     for ema, model in ema_pairs:
         ema_update(ema, model, decay)
-
-
-def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 5% of ``lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def train(steps: int = 2500, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, label_dropout: float = 0.1,
@@ -139,8 +131,7 @@ def train(steps: int = 2500, batch_size: int = 128, lr: float = 1e-3, seed: int 
         eps = torch.randn(x0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        set_lr(opt, step, steps, lr, default_warmup(steps, cap=100))
         target = a.sqrt() * eps - (1 - a).sqrt() * x0  # v-prediction (see digits.PREDICTION_TYPE)
         if align is None:  # the plain loop, unchanged
             loss = F.mse_loss(model(xt, t, y), target)

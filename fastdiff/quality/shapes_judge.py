@@ -167,6 +167,13 @@ def _same(o: ObjectSpec, d: Detection) -> bool:
     return o.shape == d.shape and o.color == d.color
 
 
+def _matched_orders(spec: SceneSpec, dets: list[Detection]) -> list[tuple[Detection, Detection]]:
+    """For a two-object scene and two detections: the orders ``(da, db)`` in which the first named object matches
+    ``da`` and the second ``db`` by colour and shape (none, one, or both when the two objects are alike)."""
+    a, b = spec.objects
+    return [(da, db) for da, db in ((dets[0], dets[1]), (dets[1], dets[0])) if _same(a, da) and _same(b, db)]
+
+
 def check(spec: SceneSpec, dets: list[Detection], sizes: bool = False) -> bool:
     """Whether detections ``dets`` show the scene ``spec`` states, fully (see the module docstring); ``sizes``:
     also require every stated size."""
@@ -177,8 +184,8 @@ def check(spec: SceneSpec, dets: list[Detection], sizes: bool = False) -> bool:
         return (_same(o, d) and (o.position is None or nearest_position(d.cx, d.cy) == o.position)
                 and (not sizes or o.size in (None, d.size)))
     a, b = spec.objects
-    for da, db in ((dets[0], dets[1]), (dets[1], dets[0])):
-        if _same(a, da) and _same(b, db) and relation_between(da, db) == spec.relation:
+    for da, db in _matched_orders(spec, dets):
+        if relation_between(da, db) == spec.relation:
             return not sizes or (a.size in (None, da.size) and b.size in (None, db.size))
     return False
 
@@ -201,8 +208,7 @@ def error_kind(spec: SceneSpec, dets: list[Detection]) -> str | None:
         o, d = spec.objects[0], dets[0]
         colour_ok, shape_ok, rest = o.color == d.color, o.shape == d.shape, "position"
     else:
-        a, b = spec.objects
-        if any(_same(a, da) and _same(b, db) for da, db in ((dets[0], dets[1]), (dets[1], dets[0]))):
+        if _matched_orders(spec, dets):
             return "relation"
         colour_ok = sorted(o.color for o in spec.objects) == sorted(d.color for d in dets)
         shape_ok = sorted(o.shape for o in spec.objects) == sorted(d.shape for d in dets)
@@ -214,27 +220,34 @@ def error_kind(spec: SceneSpec, dets: list[Detection]) -> str | None:
 
 @dataclass
 class ShapesScore:
-    """Per prompt: fully correct (and parsed spec), why not (:func:`error_kind`); fractions for one- and two-object
-    prompts."""
+    """Per prompt: the parsed spec and why the image fails it (:func:`error_kind`; None: fully correct), whether
+    it shows the sizes it names; fractions for one- and two-object prompts."""
 
-    correct: list[bool]
     specs: list[SceneSpec]
+    errors: list[str | None]
     size_correct: list[bool | None] = field(default_factory=list)  # None: the prompt names no size
-    errors: list[str | None] = field(default_factory=list)  # None: fully correct
+
+    @property
+    def correct(self) -> list[bool]:
+        """Per prompt: fully correct (no error)."""
+        return [e is None for e in self.errors]
+
+    def _errors_of(self, n: int) -> list[str | None]:
+        return [e for e, s in zip(self.errors, self.specs, strict=True) if s.num_objects == n]
 
     def error_rates(self) -> dict[str, dict[str, float]]:
         """``{"one_object" | "two_object": {kind: fraction of those prompts' images failing for it}}`` over every
         kind of :data:`ERROR_KINDS` (zeros included); a kind with no prompts is left out."""
         out = {}
         for n, key in ((1, "one_object"), (2, "two_object")):
-            kinds = [e for e, s in zip(self.errors, self.specs, strict=True) if s.num_objects == n]
+            kinds = self._errors_of(n)
             if kinds:
                 out[key] = {k: kinds.count(k) / len(kinds) for k in ERROR_KINDS}
         return out
 
     def _frac(self, n: int) -> float:
-        hits = [c for c, s in zip(self.correct, self.specs, strict=True) if s.num_objects == n]
-        return float(np.mean(hits)) if hits else float("nan")
+        kinds = self._errors_of(n)
+        return float(np.mean([e is None for e in kinds])) if kinds else float("nan")
 
     @property
     def one_object(self) -> float:
@@ -261,10 +274,9 @@ def score(model: ShapesDetector, images, prompts: list[str]) -> ShapesScore:
         raise InvalidInput(f"{x.shape[0]} images for {len(specs)} prompts; give one prompt per image")
     dets = detect(model, x)
     errors = [error_kind(s, d) for s, d in zip(specs, dets, strict=True)]
-    correct = [e is None for e in errors]
-    sized = [(c and check(s, d, sizes=True)) if any(o.size for o in s.objects) else None
-             for s, d, c in zip(specs, dets, correct, strict=True)]
-    return ShapesScore(correct, specs, sized, errors)
+    sized = [(e is None and check(s, d, sizes=True)) if any(o.size for o in s.objects) else None
+             for s, d, e in zip(specs, dets, errors, strict=True)]
+    return ShapesScore(specs, errors, sized)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.errors import InvalidInput, ModelConfigError, ModelNotFound
-from fastdiff.models import digits, repa, repa_encoder, train_digits
+from fastdiff.models import digits, lr_schedule, repa, repa_encoder, train_digits
 from tests.cli_helpers import one_line_error
 
 pytest.importorskip("sklearn")
@@ -47,7 +47,7 @@ def _reference_train(steps: int, batch_size: int, seed: int = 0, lr: float = 1e-
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         for grp in opt.param_groups:
-            grp["lr"] = train_digits.lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
+            grp["lr"] = lr_schedule.lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
         loss = F.mse_loss(model(xt, t, y), a.sqrt() * eps - (1 - a).sqrt() * x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from fastdiff._atomic import atomic_write_bytes, atomic_write_text, check_writable, sha256_file
 from fastdiff._checks import check_int, cli_int, cli_number
 from fastdiff.errors import InvalidInput
+from fastdiff.models.lr_schedule import default_warmup, set_lr
 from fastdiff.models.shapes import pipeline as P
 from fastdiff.models.shapes import render
-from fastdiff.models.train_digits import alphas_cumprod, lr_at, optimizer_step_with_ema
+from fastdiff.models.train_digits import alphas_cumprod, optimizer_step_with_ema
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -208,8 +209,7 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = a.sqrt() * eps - (1 - a).sqrt() * x0
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10 + 1))
+        set_lr(opt, step, steps, lr, default_warmup(steps, cap=200))
         cond = text_encoder(tokenize(tokenizer, captions))[0]
         diffusion_loss = F.mse_loss(unet(xt, t, cond).sample, target)
         loss = diffusion_loss

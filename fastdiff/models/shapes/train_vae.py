@@ -46,9 +46,9 @@ import torch
 from fastdiff._atomic import atomic_write_bytes, check_writable
 from fastdiff._checks import cli_int, cli_number
 from fastdiff.errors import InvalidInput
+from fastdiff.models.lr_schedule import default_warmup, set_lr
 from fastdiff.models.registry import WEIGHTS_DIR
 from fastdiff.models.shapes import render
-from fastdiff.models.train_digits import lr_at
 
 VAE_DIR = WEIGHTS_DIR / "shapes-vae"
 LR_SCHEDULES = ("constant", "cosine")
@@ -194,8 +194,7 @@ def train(steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, kl_weight: 
                mininterval=2.0)
     for step in bar:
         if lr_schedule == "cosine":
-            for grp in opt.param_groups:
-                grp["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
+            set_lr(opt, step, steps, lr, default_warmup(steps, cap=100))
         x = images(seed, step * batch_size, batch_size)
         post = vae.encode(x).latent_dist
         y = vae.decode(post.sample(generator=g)).sample
