@@ -111,7 +111,8 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
           save_every: int = 250, progress: bool = True, log_every: int = 100, command: str | None = None,
           unet_config: dict | None = None, text_config: dict | None = None, vae: str | os.PathLike | None = None,
           repa_weight: float = 0.0, repa_layer: str = "mid_block", eval_every: int = 0,
-          curve: str | os.PathLike | None = None, eval_steps: int = 10, eval_seeds: tuple[int, ...] = (0, 1)):
+          curve: str | os.PathLike | None = None, eval_steps: int = 10, eval_seeds: tuple[int, ...] = (0, 1),
+          word_loss_weight: float = 0.0):
     """Train (or resume) the UNet and text encoder; write the EMA weights to ``out`` (default: the package's
     ``weights/shapes``) with :func:`pipeline.save_components`. ``vae``: a VAE folder (``train shapes-vae --out
     DIR``) to learn the latent space of instead of the shipped one; it is copied to ``out/vae`` so that ``out`` is
@@ -122,21 +123,28 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     ``repa_layer`` to the frozen VAE encoder's features of the clean image (:class:`~fastdiff.models.repa.VaeFeatures`);
     0 runs the plain loop bit for bit. ``eval_every`` K > 0: every K steps (and at the end) judge the EMA weights
     (:func:`fastdiff.quality.shapes_eval.evaluate`: the judge's prompts x ``eval_seeds``, ``eval_steps`` sampler
-    steps, the default guidance) and write the points to ``curve`` (JSON); evaluation time is not training time."""
+    steps, the default guidance) and write the points to ``curve`` (JSON); evaluation time is not training time.
+
+    ``word_loss_weight`` > 0: the text encoder must also keep every word of the caption recoverable from its
+    output (:mod:`fastdiff.models.shapes.word_identity`: without it, from-scratch runs can merge "circle" and
+    "square"); 0 runs the plain loop bit for bit. Every log line and the metadata carry the EMA text encoder's
+    :func:`~fastdiff.models.shapes.word_identity.text_contrast`."""
     from tqdm.auto import tqdm
 
     from fastdiff.models import repa
+    from fastdiff.models.shapes import word_identity
 
     out = Path(out) if out is not None else P.PIPELINE_DIR
     check_writable(out, "dir")
     repa_weight = repa.check_weight(repa_weight)
+    word_loss_weight = word_identity.check_weight(word_loss_weight)
     eval_every = check_int("eval_every", eval_every, minimum=0)
     curve = check_writable(curve, "file", what="--curve") if curve is not None else None
     ckpt = out / CHECKPOINT
     if resume and not ckpt.is_file():
         raise InvalidInput(f"--resume: there is no checkpoint {ckpt} to resume from")
     vae_sha = _check_vae(vae, out)
-    tokenizer, _ = P._tokenizer_ids()
+    tokenizer, token_ids = P._tokenizer_ids()
     data = LatentData(seed, vae)
     unet, text_encoder = P.build_unet(seed, unet_config), P.build_text_encoder(seed, text_config)
     unet_ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -148,13 +156,19 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         align = repa.Alignment(types.SimpleNamespace(unet=unet), repa.VaeFeatures(data.vae), layer=repa_layer,
                                seed=seed)
         opt.add_param_group({"params": list(align.projector.parameters())})
+    word_head = None
+    if word_loss_weight > 0:  # its own param group, like the projector; kept in checkpoints, never shipped
+        word_head = word_identity.WordIdentityHead(text_encoder.config.hidden_size, text_encoder.config.vocab_size,
+                                                   token_ids["pad_token_id"], seed=seed)
+        opt.add_param_group({"params": list(word_head.parameters())})
     g = torch.Generator().manual_seed(seed)  # noise, timesteps and caption dropout
     start, spent = 0, 0.0
     meta = {"command": command or "python -m fastdiff.models.shapes.train_unet " + " ".join(sys.argv[1:]),
             "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "caption_dropout": caption_dropout,
             "ema_decay": ema_decay, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {os.cpu_count()} cores", "vae_sha256": vae_sha,
-            **({"repa_weight": repa_weight, "repa_layer": repa_layer} if align is not None else {})}
+            **({"repa_weight": repa_weight, "repa_layer": repa_layer} if align is not None else {}),
+            **({"word_loss_weight": word_loss_weight} if word_head is not None else {})}
     points: list[dict] = []
     if resume:
         state = torch.load(ckpt, weights_only=False)
@@ -168,11 +182,17 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
             raise InvalidInput(f"--resume: {ckpt} was trained with --repa-weight {was_weight}"
                                f"{f' --repa-layer {was_layer}' if was_weight else ''}; resume with the same, or start "
                                "a new --out")
+        was_words = state["meta"].get("word_loss_weight", 0.0)
+        if was_words != word_loss_weight:
+            raise InvalidInput(f"--resume: {ckpt} was trained with --word-loss-weight {was_words}; resume with the "
+                               "same, or start a new --out")
         for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (unet_ema, "unet_ema"),
                             (te_ema, "text_encoder_ema")):
             module.load_state_dict(state[key])
         if align is not None:
             align.projector.load_state_dict(state["projector"])
+        if word_head is not None:
+            word_head.load_state_dict(state["word_head"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
         start, spent = int(state["step"]), float(state["meta"].get("wall_s", 0.0))
@@ -186,14 +206,15 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     text_encoder.train()
     t0 = time.time()
     eval_s = 0.0  # time spent judging the curve's points, excluded from the training time
-    avg = align_avg = None
+    avg = align_avg = word_avg = None
 
     def checkpoint_state(step_done: int, wall_s: float) -> dict:
         return {"format": "fastdiff.shapes_unet_checkpoint", "unet": unet.state_dict(),
                 "text_encoder": text_encoder.state_dict(), "unet_ema": unet_ema.state_dict(),
                 "text_encoder_ema": te_ema.state_dict(), "opt": opt.state_dict(), "step": step_done,
                 "generator": g.get_state(), "curve_points": points, "meta": {**meta, "wall_s": wall_s},
-                **({"projector": align.projector.state_dict()} if align is not None else {})}
+                **({"projector": align.projector.state_dict()} if align is not None else {}),
+                **({"word_head": word_head.state_dict()} if word_head is not None else {})}
 
     bar = tqdm(range(start, steps), desc="train shapes", initial=start, total=steps, disable=not progress,
                mininterval=2.0)
@@ -210,12 +231,17 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = a.sqrt() * eps - (1 - a).sqrt() * x0
         set_lr(opt, step, steps, lr, default_warmup(steps, cap=200))
-        cond = text_encoder(tokenize(tokenizer, captions))[0]
+        ids = tokenize(tokenizer, captions)
+        cond = text_encoder(ids)[0]
         diffusion_loss = F.mse_loss(unet(xt, t, cond).sample, target)
         loss = diffusion_loss
+        if word_head is not None:
+            word_loss = word_head.loss(cond, ids)
+            loss = loss + word_loss_weight * word_loss
+            word_avg = word_loss.item() if word_avg is None else 0.98 * word_avg + 0.02 * word_loss.item()
         if align is not None:
             align_loss = align.loss(target=vae_features)
-            loss = diffusion_loss + repa_weight * align_loss
+            loss = loss + repa_weight * align_loss
             align_avg = align_loss.item() if align_avg is None else 0.98 * align_avg + 0.02 * align_loss.item()
         optimizer_step_with_ema(opt, loss, params, ((unet_ema, unet), (te_ema, text_encoder)), ema_decay, step)
         # ``avg`` is the diffusion loss alone, comparable with a run without alignment
@@ -224,6 +250,9 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
                         refresh=False)
         if log_every and (step + 1) % log_every == 0:
             extra = f" align {align_avg:.4f}" if align is not None else ""
+            extra += f" words {word_avg:.4f}" if word_head is not None else ""
+            contrast = word_identity.text_contrast(te_ema, tokenizer)
+            extra += " text " + " ".join(f"{k} {v:.2f}" for k, v in contrast.items())
             print(f"step {step + 1}/{steps} loss {avg:.4f}{extra} elapsed {spent + time.time() - t0 - eval_s:.0f}s",
                   flush=True)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
@@ -244,6 +273,9 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     if align is not None:
         align.remove()
         meta["final_align_loss_ema"] = round(align_avg, 5)
+    if word_head is not None and word_avg is not None:
+        meta["final_word_loss_ema"] = round(word_avg, 5)
+    meta["text_contrast"] = word_identity.text_contrast(te_ema, tokenizer)
     meta["wall_s"] = round(spent + time.time() - t0 - eval_s, 1)
     meta["final_loss_ema"] = None if avg is None else round(avg, 5)
     if vae is not None and Path(vae).resolve() != (out / "vae").resolve():
@@ -295,6 +327,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="representation alignment weight lambda (0: off; REPA's default is 0.5)")
     p.add_argument("--repa-layer", default="mid_block",
                    help="UNet block aligned to the VAE encoder's features: down_blocks.0/1/2 or mid_block")
+    p.add_argument("--word-loss-weight", type=cli_number(minimum=0.0), default=0.0,
+                   help="weight of the loss that keeps the caption's words recoverable from the text encoder's output "
+                   "(0: off; see fastdiff.models.shapes.word_identity)")
     p.add_argument("--eval-every", type=cli_int(0), default=0,
                    help="judge the EMA weights every K steps (one- / two-object, FD) and write --curve (0: never)")
     p.add_argument("--eval-steps", type=cli_int(1), default=10, help="sampler steps of each curve point")
@@ -308,7 +343,7 @@ def run(a: argparse.Namespace, command: str | None = None) -> int:
     train(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, caption_dropout=a.caption_dropout,
           ema_decay=a.ema_decay, out=a.out, resume=a.resume, save_every=a.save_every, progress=not a.no_progress,
           command=command, vae=a.vae, repa_weight=a.repa_weight, repa_layer=a.repa_layer, eval_every=a.eval_every,
-          curve=a.curve, eval_steps=a.eval_steps)
+          curve=a.curve, eval_steps=a.eval_steps, word_loss_weight=a.word_loss_weight)
     return 0
 
 
