@@ -98,6 +98,12 @@ def check_generator(generator, batch: int) -> None:
                        f"them, got {type(generator).__name__}")
 
 
+#: the most images one prompt (or label) may ask for in one call: checked before the conditioning is repeated, so a
+#: typo (10**9) is an error, not gigabytes of repeated embeddings; the latent cells of the whole call have their own
+#: cap (:data:`fastdiff.unet_sampler.MAX_LATENT_CELLS`)
+MAX_IMAGES_PER_PROMPT = 4096
+
+
 def prepare_conditioning(
     runner: ModelRunner,
     label_model,
@@ -123,7 +129,7 @@ def prepare_conditioning(
 
 def _prepare_conditioning(runner, label_model, guidance_scale, encoder_hidden_states, negative_encoder_hidden_states,
                           class_labels, num_images_per_prompt, latents) -> Conditioning:
-    n = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1)
+    n = check_int("num_images_per_prompt", num_images_per_prompt, minimum=1, maximum=MAX_IMAGES_PER_PROMPT)
     labels = None if class_labels is None else check_class_labels(class_labels)
     if label_model is not None and labels is not None and encoder_hidden_states is not None:
         # Embeddings win in the branch below, so the labels would be dropped without a word.

@@ -31,6 +31,10 @@ DEFAULT_GUIDANCE = 5.0
 #: the largest height / width accepted: far beyond any trained model, small enough that a typo (an extra zero or
 #: three) is refused instead of allocating gigabytes of noise.
 MAX_SIDE = 16384
+#: the most latent cells (images x height x width) one call samples: 4,096 Stable Diffusion images of 512 x 512 px.
+#: Two sides each under MAX_SIDE can still ask for terabytes of activations (16384 x 16384 x a batch); a CI run was
+#: killed by the kernel at 23 GB for such a request instead of getting an error.
+MAX_LATENT_CELLS = 1 << 24
 
 
 def _load_model(model):
@@ -170,6 +174,10 @@ class UNetSampler:
         size = runner.sample_size or 64
         height, width = (size if v is None else v for v in (height, width))
         shape = (cond.batch, runner.in_channels, height, width)
+        cells = cond.batch * height * width
+        if cells > MAX_LATENT_CELLS:
+            raise InvalidInput(f"{cond.batch} image(s) of {height} x {width} latents is {cells:,} latent cells, over "
+                               f"the {MAX_LATENT_CELLS:,} one call samples; ask for smaller images or fewer per call")
         check_generator(generator, cond.batch)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=runner.device, dtype=runner.dtype)

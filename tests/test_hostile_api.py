@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import fastdiff
 from fastdiff.errors import FastDiffError, InvalidInput
+from fastdiff.unet_sampler import MAX_SIDE
 from tests.export.tiny_models import tiny_label_model, tiny_unet
 
 
@@ -57,6 +58,8 @@ SAMPLE_CASES = [
     ("height fractional", dict(height=8.5), "height must be an integer"),
     ("width huge", dict(width=10**9), "width must be an integer in [1, 16384]"),
     ("width string", dict(width="8"), "width must be an integer"),
+    ("area huge", dict(height=16384, width=16384), "268,435,456 latent cells, over the 16,777,216"),
+    ("batch x area huge", dict(height=4096, width=4096, num_images_per_prompt=2), "2 image(s) of 4096 x 4096"),
     ("guidance string", dict(guidance_scale="high"), "guidance_scale must be a number"),
     ("guidance list", dict(guidance_scale=[2.0]), "guidance_scale must be a number"),
     ("guidance nan", dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
@@ -66,7 +69,9 @@ SAMPLE_CASES = [
     ("steps bool", dict(num_inference_steps=True), "num_inference_steps must be an integer >= 1"),
     ("steps string", dict(num_inference_steps="20"), "num_inference_steps must be an integer >= 1"),
     ("images per prompt bool", dict(num_images_per_prompt=True), "num_images_per_prompt must be an integer"),
-    ("images per prompt 0", dict(num_images_per_prompt=0), "num_images_per_prompt must be an integer >= 1"),
+    ("images per prompt 0", dict(num_images_per_prompt=0), "num_images_per_prompt must be an integer in [1, 4096]"),
+    ("images per prompt huge", dict(num_images_per_prompt=10**9),
+     "num_images_per_prompt must be an integer in [1, 4096], got 1000000000"),
     ("generator int", dict(generator=42), "generator must be a torch.Generator"),
     ("generator list length", dict(class_labels=[1, 2], generator=[_gen() for _ in range(3)]),
      "list of 3 generators but 2 images"),
@@ -187,7 +192,10 @@ _junk = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.floats(allow
                   st.integers(-10**12, 10**12), st.just([]), st.just({}))
 _small_int = st.one_of(st.integers(-3, 3), st.integers(-3, 3).map(np.int64))
 _steps = st.one_of(_small_int, _junk)
-_side = st.one_of(st.none(), st.integers(-2, 12), _junk)
+# sides that are valid but huge would do real work (gigabytes of activations): the fuzz keeps to small valid sides
+# and values that must be refused; the area cap has its own test
+_side = st.one_of(st.none(), st.integers(-2, 12),
+                  _junk.filter(lambda v: not (isinstance(v, int) and 12 < v <= MAX_SIDE)))
 _labels = st.one_of(st.none(), _small_int, st.lists(st.one_of(_small_int, st.floats(-2, 12), st.booleans()),
                                                     max_size=3), _junk)
 _guidance = st.one_of(st.floats(-5, 10), st.integers(-3, 10), _junk)
