@@ -39,14 +39,15 @@ def test_the_loss_names_the_words_and_ignores_padding():
 def test_text_contrast_sees_two_shape_words_merged():
     tok, _ = P._tokenizer_ids()
     te = P.build_text_encoder(0, TINY_SHAPES_TEXT)
-    before = word_identity.text_contrast(te, tok)
+    ids = train_unet.tokenize(tok, list(word_identity.CONTRAST_PROMPTS.values()))
+    before = word_identity.text_contrast(te, ids)
     assert set(before) == {"circle-square", "circle-triangle", "square-triangle"}
     assert all(v > 0 for v in before.values())
     emb = te.get_input_embeddings().weight
     circle, square = (tok.convert_tokens_to_ids(w + "</w>") for w in ("circle", "square"))
     with torch.no_grad():
         emb[square] = emb[circle]  # the encoder can no longer tell the two words apart
-    after = word_identity.text_contrast(te, tok)
+    after = word_identity.text_contrast(te, ids)
     assert after["circle-square"] == 0.0
     assert after["circle-triangle"] == pytest.approx(before["circle-triangle"])
     assert te.training  # left in the mode it was found in

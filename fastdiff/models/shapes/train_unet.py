@@ -207,6 +207,7 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     t0 = time.time()
     eval_s = 0.0  # time spent judging the curve's points, excluded from the training time
     avg = align_avg = word_avg = None
+    contrast_ids = tokenize(tokenizer, list(word_identity.CONTRAST_PROMPTS.values()))  # the same every log line
 
     def checkpoint_state(step_done: int, wall_s: float) -> dict:
         return {"format": "fastdiff.shapes_unet_checkpoint", "unet": unet.state_dict(),
@@ -251,7 +252,7 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         if log_every and (step + 1) % log_every == 0:
             extra = f" align {align_avg:.4f}" if align is not None else ""
             extra += f" words {word_avg:.4f}" if word_head is not None else ""
-            contrast = word_identity.text_contrast(te_ema, tokenizer)
+            contrast = word_identity.text_contrast(te_ema, contrast_ids)
             extra += " text " + " ".join(f"{k} {v:.2f}" for k, v in contrast.items())
             print(f"step {step + 1}/{steps} loss {avg:.4f}{extra} elapsed {spent + time.time() - t0 - eval_s:.0f}s",
                   flush=True)
@@ -275,7 +276,7 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         meta["final_align_loss_ema"] = round(align_avg, 5)
     if word_head is not None and word_avg is not None:
         meta["final_word_loss_ema"] = round(word_avg, 5)
-    meta["text_contrast"] = word_identity.text_contrast(te_ema, tokenizer)
+    meta["text_contrast"] = word_identity.text_contrast(te_ema, contrast_ids)
     meta["wall_s"] = round(spent + time.time() - t0 - eval_s, 1)
     meta["final_loss_ema"] = None if avg is None else round(avg, 5)
     if vae is not None and Path(vae).resolve() != (out / "vae").resolve():

@@ -18,8 +18,6 @@ trained with the networks and kept in checkpoints, never shipped: the pipeline s
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -54,13 +52,12 @@ class WordIdentityHead(torch.nn.Module):
 
 
 @torch.no_grad()
-def text_contrast(text_encoder, tokenizer) -> dict[str, float]:
+def text_contrast(text_encoder, ids: torch.Tensor) -> dict[str, float]:
     """Distances between the encoder's outputs (``last_hidden_state``, the UNet's conditioning, every position) for
     "a red circle" / "a red square" / "a red triangle": ``{"circle-square", "circle-triangle", "square-triangle"}``.
-    A circle-square distance far below the others means the encoder merged the pair (see the module docstring)."""
+    ``ids``: :data:`CONTRAST_PROMPTS` tokenized as training tokenizes captions, in that order. A circle-square
+    distance far below the others means the encoder merged the pair (see the module docstring)."""
     names = list(CONTRAST_PROMPTS)
-    ids = tokenizer([CONTRAST_PROMPTS[n] for n in names], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
     was_training = text_encoder.training
     text_encoder.eval()
     h = text_encoder(ids)[0].float()
@@ -68,6 +65,5 @@ def text_contrast(text_encoder, tokenizer) -> dict[str, float]:
     out = {}
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
-            d = float((h[i] - h[j]).norm())
-            out[f"{names[i]}-{names[j]}"] = round(d, 3) if math.isfinite(d) else d
+            out[f"{names[i]}-{names[j]}"] = round(float((h[i] - h[j]).norm()), 3)
     return out
