@@ -45,6 +45,7 @@ from fastdiff.models.coalescer_net import (  # generate / guided_target: re-expo
     guided_target,
     save_coalescer,
 )
+from fastdiff.models.running_mean import running_mean
 from fastdiff.models.train_digits import ema_update
 
 __all__ = ["CoalescerTrainSpec", "coalescer_loss", "build_model", "load_checkpoint", "train_coalescer", "generate",
@@ -136,6 +137,8 @@ def load_checkpoint(path: Path, spec: CoalescerTrainSpec | None = None) -> dict:
 
 
 def _lr_at(step: int, total: int, lr: float) -> float:
+    # Not lr_schedule.lr_at: the shipped coalescer was trained with this one (a 100-step ramp multiplying a cosine
+    # over the whole run), and a resumed checkpoint must keep the schedule it started with.
     warm = min(1.0, (step + 1) / 100)
     return lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / max(1, total))))
 
@@ -204,7 +207,7 @@ def train_coalescer(index, out: str | os.PathLike | None, spec: CoalescerTrainSp
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema_update(ema, model, min(spec.ema_decay, (1 + step) / (10 + step)))
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = running_mean(avg, loss.item())
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         done = step + 1
         if log_every and done % log_every == 0:

@@ -54,6 +54,7 @@ from fastdiff._atomic import atomic_write_bytes, check_writable
 from fastdiff._checks import check_int, check_number
 from fastdiff.errors import InvalidInput
 from fastdiff.models.folded_guidance import guidance_scale_embedding
+from fastdiff.models.running_mean import running_mean
 from fastdiff.models.train_digits import ema_update
 
 OBJECTIVE = "consistency"
@@ -526,7 +527,7 @@ def train_consistency(spec: ConsistencySpec, out: str | os.PathLike, *, teacher=
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ema_update(target, student, spec.target_decay)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = running_mean(avg, loss.item())
         bar.set_postfix(loss=f"{avg:.5f}", refresh=False)
         if spec.log_every and (step + 1) % spec.log_every == 0:
             print(f"step {step + 1}/{spec.steps} loss {avg:.5f} elapsed {wall0 + time.time() - t0:.0f}s", flush=True)

@@ -44,6 +44,7 @@ from fastdiff._atomic import atomic_write_bytes, check_writable
 from fastdiff._checks import check_int, check_number, cli_int, cli_number
 from fastdiff.distill import consistency as C
 from fastdiff.errors import InvalidInput
+from fastdiff.models.running_mean import running_mean
 
 NAME = "shapes-consistency"
 TARGET = "trajectory"
@@ -313,7 +314,7 @@ def train(spec: ShapesConsistencySpec, out: str | os.PathLike, pipe=None, progre
                                 pred)
         loss = torch.nn.functional.mse_loss(f, ends[rows])
         optimizer_step_with_ema(opt, loss, params, ((unet_ema, unet), (text_ema, text)), spec.ema_decay, step)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = running_mean(avg, loss.item())
         bar.set_postfix(loss=f"{avg:.5f}", refresh=False)
         if spec.log_every and (step + 1) % spec.log_every == 0:
             print(f"step {step + 1}/{spec.steps} loss {avg:.5f} elapsed {wall0 + time.time() - t0:.0f}s", flush=True)

@@ -49,6 +49,7 @@ from fastdiff.errors import InvalidInput
 from fastdiff.models.generate import sample_seed
 from fastdiff.models.lr_schedule import default_warmup, set_lr
 from fastdiff.models.registry import WEIGHTS_DIR
+from fastdiff.models.running_mean import running_mean
 from fastdiff.models.train_digits import optimizer_step_with_ema
 
 NAME = "shapes-onestep"
@@ -165,7 +166,7 @@ def train(pipe, triplets: dict, out: str | os.PathLike, work: str | os.PathLike,
         set_lr(opt, step, steps, lr, default_warmup(steps, cap=100))
         loss = F.mse_loss(student_latents(unet, text, z[idx], ids[idx], t_last), x0[idx])
         optimizer_step_with_ema(opt, loss, params, ((unet_ema, unet), (text_ema, text)), ema_decay, step)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = running_mean(avg, loss.item())
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {avg:.5f} elapsed {spent + time.time() - t0:.0f}s", flush=True)

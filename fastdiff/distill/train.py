@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from fastdiff.distill.triplets import load_triplets
 from fastdiff.errors import InvalidInput
+from fastdiff.models.running_mean import running_mean
 from fastdiff.models.train_digits import ema_update
 
 
@@ -120,7 +121,7 @@ def train_student(teacher, triplets: str | os.PathLike | dict, out: str | os.Pat
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ema_update(ema, student, min(ema_decay, (1 + step) / (10 + step)))
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = running_mean(avg, loss.item())
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {avg:.5f} elapsed {time.time() - t0:.0f}s", flush=True)

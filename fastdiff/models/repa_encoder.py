@@ -32,6 +32,7 @@ from fastdiff._checks import cli_int, cli_number
 from fastdiff.errors import ModelConfigError
 from fastdiff.models import digits
 from fastdiff.models.registry import WEIGHTS_DIR
+from fastdiff.models.running_mean import running_mean
 
 ENCODER_DIR = WEIGHTS_DIR / "digits-repa-encoder"
 FORMAT = "fastdiff.repa_encoder"
@@ -110,7 +111,7 @@ def train(steps: int = 2000, batch_size: int = 128, lr: float = 2e-3, seed: int 
         loss.backward()
         opt.step()
         sched.step()
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = running_mean(avg, loss.item())
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
     enc.eval().requires_grad_(False)
     with torch.no_grad():  # clean-input reconstruction error, for the record

@@ -35,6 +35,7 @@ from fastdiff._checks import check_int, cli_int, cli_number
 from fastdiff.models import digits, repa, repa_encoder
 from fastdiff.models.lr_schedule import default_warmup, set_lr
 from fastdiff.models.registry import WEIGHTS_DIR, save
+from fastdiff.models.running_mean import running_mean
 
 
 def alphas_cumprod(num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2") -> torch.Tensor:
@@ -147,11 +148,11 @@ def train(steps: int = 2500, batch_size: int = 128, lr: float = 1e-3, seed: int 
         opt.step()
         ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
         if align is None:
-            avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+            avg = running_mean(avg, loss.item())
             bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         else:  # ``avg`` stays the diffusion loss, comparable with a run without alignment
-            avg = diffusion_loss.item() if avg is None else 0.98 * avg + 0.02 * diffusion_loss.item()
-            align_avg = align_loss.item() if align_avg is None else 0.98 * align_avg + 0.02 * align_loss.item()
+            avg = running_mean(avg, diffusion_loss.item())
+            align_avg = running_mean(align_avg, align_loss.item())
             bar.set_postfix(loss=f"{avg:.4f}", align=f"{align_avg:.4f}", refresh=False)
         if log_every and (step + 1) % log_every == 0:
             extra = f" align {align_avg:.4f}" if align is not None else ""

@@ -16,7 +16,6 @@ written, so they can be inspected).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 
 from fastdiff._atomic import check_writable
 from fastdiff._checks import cli_int, cli_number
+from fastdiff.models.lr_schedule import default_warmup, set_lr
+from fastdiff.models.running_mean import running_mean
 from fastdiff.models.shapes import render
 from fastdiff.models.shapes.captions import caption, describe
 from fastdiff.models.shapes.scene import COLORS, POSITIONS, RELATIONS, SHAPES, SIZES, ObjectSpec, SceneSpec
@@ -168,7 +169,7 @@ def train(steps: int = 1500, batch_size: int = 48, lr: float = 3e-3, seed: int =
     model = J.ShapesDetector()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    warmup = min(50, steps // 10 + 1)
+    warmup = default_warmup(steps, cap=50)
     t0 = time.time()
     avg = None
     model.train()
@@ -176,15 +177,12 @@ def train(steps: int = 1500, batch_size: int = 48, lr: float = 3e-3, seed: int =
     for step in bar:
         x, scenes = training_batch(seed, step * batch_size, batch_size)
         x = augment(x, g)
-        p = (step - warmup) / max(1, steps - warmup)
-        for grp in opt.param_groups:
-            grp["lr"] = lr * (step + 1) / warmup if step < warmup else lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(
-                math.pi * p)))
+        set_lr(opt, step, steps, lr, warmup, floor=0.02)
         loss = loss_fn(model(x), targets(scenes))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = running_mean(avg, loss.item())
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         if progress and (step + 1) % 100 == 0:
             print(f"step {step + 1}/{steps} loss {avg:.4f} elapsed {time.time() - t0:.0f}s", flush=True)

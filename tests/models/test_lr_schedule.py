@@ -1,4 +1,5 @@
-"""The shared learning-rate schedule: warm-up, cosine decay to 5 %, and set_lr over every parameter group."""
+"""The trainers' shared bookkeeping: the learning-rate schedule (warm-up, cosine decay to a floor), set_lr over every
+parameter group, and the running mean of the loss."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from fastdiff.models.lr_schedule import default_warmup, lr_at, set_lr
+from fastdiff.models.running_mean import running_mean
 
 
 def test_warmup_rises_linearly_then_the_cosine_ends_at_five_percent():
@@ -35,3 +37,21 @@ def test_set_lr_sets_every_group_and_returns_the_rate():
     rate = set_lr(opt, 300, 1000, 1e-3, 100)
     assert rate == pytest.approx(lr_at(300, 1000, 1e-3, 100))
     assert [g["lr"] for g in opt.param_groups] == [rate, rate]
+
+
+@pytest.mark.parametrize("floor", [0.05, 0.02])
+def test_lr_floor_is_where_the_decay_ends(floor):
+    total, lr, warmup = 1000, 3e-3, 50
+    assert lr_at(total, total, lr, warmup, floor) == pytest.approx(floor * lr)
+    assert lr_at(warmup, total, lr, warmup, floor) == pytest.approx(lr)
+    mid = warmup + (total - warmup) // 2  # cos(pi/2) = 0 within a step: half-way between lr and the floor
+    assert lr_at(mid, total, lr, warmup, floor) == pytest.approx(lr * (1 + floor) / 2, rel=1e-3)
+
+
+def test_running_mean_starts_at_the_first_value_then_smooths():
+    assert running_mean(None, 3.0) == 3.0
+    avg = running_mean(None, 5.0)
+    for _ in range(500):  # a constant loss afterwards: the mean forgets the first value (0.98^500 ~ 4e-5)
+        avg = running_mean(avg, 1.0)
+    assert avg == pytest.approx(1.0, abs=1e-3)
+    assert running_mean(2.0, 1.0) == 0.98 * 2.0 + 0.02 * 1.0  # one step moves 2 % of the way

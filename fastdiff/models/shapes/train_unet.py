@@ -36,6 +36,7 @@ from fastdiff._atomic import atomic_write_bytes, atomic_write_text, check_writab
 from fastdiff._checks import check_int, cli_int, cli_number
 from fastdiff.errors import InvalidInput
 from fastdiff.models.lr_schedule import default_warmup, set_lr
+from fastdiff.models.running_mean import running_mean
 from fastdiff.models.shapes import pipeline as P
 from fastdiff.models.shapes import render
 from fastdiff.models.train_digits import alphas_cumprod, optimizer_step_with_ema
@@ -239,14 +240,14 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
         if word_head is not None:
             word_loss = word_head.loss(cond, ids)
             loss = loss + word_loss_weight * word_loss
-            word_avg = word_loss.item() if word_avg is None else 0.98 * word_avg + 0.02 * word_loss.item()
+            word_avg = running_mean(word_avg, word_loss.item())
         if align is not None:
             align_loss = align.loss(target=vae_features)
             loss = loss + repa_weight * align_loss
-            align_avg = align_loss.item() if align_avg is None else 0.98 * align_avg + 0.02 * align_loss.item()
+            align_avg = running_mean(align_avg, align_loss.item())
         optimizer_step_with_ema(opt, loss, params, ((unet_ema, unet), (te_ema, text_encoder)), ema_decay, step)
         # ``avg`` is the diffusion loss alone, comparable with a run without alignment
-        avg = diffusion_loss.item() if avg is None else 0.98 * avg + 0.02 * diffusion_loss.item()
+        avg = running_mean(avg, diffusion_loss.item())
         bar.set_postfix(loss=f"{avg:.4f}", **({"align": f"{align_avg:.4f}"} if align is not None else {}),
                         refresh=False)
         if log_every and (step + 1) % log_every == 0:

@@ -48,6 +48,7 @@ from fastdiff._checks import cli_int, cli_number
 from fastdiff.errors import InvalidInput
 from fastdiff.models.lr_schedule import default_warmup, set_lr
 from fastdiff.models.registry import WEIGHTS_DIR
+from fastdiff.models.running_mean import running_mean
 from fastdiff.models.shapes import render
 
 VAE_DIR = WEIGHTS_DIR / "shapes-vae"
@@ -204,7 +205,7 @@ def train(steps: int = 3000, batch_size: int = 16, lr: float = 1e-3, kl_weight: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = running_mean(avg, loss.item())
         bar.set_postfix(loss=f"{avg:.4f}", refresh=False)
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             _save_checkpoint(ckpt, vae, opt, step + 1, g, {**meta, "wall_s": spent + time.time() - t0})
