@@ -53,19 +53,22 @@ def test_text_contrast_sees_two_shape_words_merged():
     assert te.training  # left in the mode it was found in
 
 
-def test_weight_zero_is_the_plain_loop_and_the_loss_changes_the_text_encoder(tmp_path):
-    plain_u, plain_t, meta0 = train_unet.train(steps=3, out=tmp_path / "plain", save_every=0, **COMMON)
-    zero_u, zero_t, _ = train_unet.train(steps=3, out=tmp_path / "zero", save_every=0, word_loss_weight=0.0, **COMMON)
-    _, words_t, meta = train_unet.train(steps=3, out=tmp_path / "words", save_every=0, word_loss_weight=0.5, **COMMON)
-    for a, b in ((plain_u, zero_u), (plain_t, zero_t)):
+def test_the_default_is_on_weight_zero_is_off_and_the_loss_changes_the_text_encoder(tmp_path):
+    default_u, default_t, meta = train_unet.train(steps=3, out=tmp_path / "default", save_every=0, **COMMON)
+    tenth_u, tenth_t, _ = train_unet.train(steps=3, out=tmp_path / "tenth", save_every=0, word_loss_weight=0.1,
+                                           **COMMON)
+    _, zero_t, meta0 = train_unet.train(steps=3, out=tmp_path / "zero", save_every=1, word_loss_weight=0.0, **COMMON)
+    for a, b in ((default_u, tenth_u), (default_t, tenth_t)):  # the default is 0.1
         for k, v in a.state_dict().items():
             assert torch.equal(v, b.state_dict()[k]), k
-    assert any(not torch.equal(v, words_t.state_dict()[k]) for k, v in plain_t.state_dict().items())
-    assert "word_loss_weight" not in meta0 and meta["word_loss_weight"] == 0.5
-    assert meta["final_word_loss_ema"] > 0
+    assert any(not torch.equal(v, zero_t.state_dict()[k]) for k, v in default_t.state_dict().items())
+    assert meta["word_loss_weight"] == 0.1 and meta0["word_loss_weight"] == 0.0
+    assert meta["final_word_loss_ema"] > 0 and "final_word_loss_ema" not in meta0
+    state = torch.load(tmp_path / "zero" / train_unet.CHECKPOINT, weights_only=False)
+    assert "word_head" not in state and len(state["opt"]["param_groups"]) == 1  # 0: no head at all
     assert set(meta0["text_contrast"]) == {"circle-square", "circle-triangle", "square-triangle"}
     # the head is not part of what ships: the text encoder is the plain CLIPTextModel
-    assert set(words_t.state_dict()) == set(P.build_text_encoder(0, TINY_SHAPES_TEXT).state_dict())
+    assert set(default_t.state_dict()) == set(P.build_text_encoder(0, TINY_SHAPES_TEXT).state_dict())
 
 
 def test_a_word_loss_run_resumes_bit_for_bit_and_refuses_another_weight(tmp_path):
@@ -95,5 +98,6 @@ def test_the_cli_flag_reaches_the_trainer(monkeypatch):
     train_unet.add_arguments(p)
     train_unet.run(p.parse_args(["--word-loss-weight", "0.25", "--steps", "5"]))
     assert seen["word_loss_weight"] == 0.25 and seen["steps"] == 5
+    assert p.parse_args([]).word_loss_weight == 0.1  # on unless turned off
     with pytest.raises(SystemExit):
         p.parse_args(["--word-loss-weight", "-1"])
