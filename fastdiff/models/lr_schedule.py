@@ -32,4 +32,3 @@ def set_lr(opt: torch.optim.Optimizer, step: int, total: int, lr: float, warmup:
     for group in opt.param_groups:
         group["lr"] = rate
     return rate
-

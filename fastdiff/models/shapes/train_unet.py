@@ -40,7 +40,7 @@ from fastdiff.errors import InvalidInput
 from fastdiff.models.lr_schedule import default_warmup, set_lr
 from fastdiff.models.running_mean import running_mean
 from fastdiff.models.shapes import pipeline as P
-from fastdiff.models.shapes import render
+from fastdiff.models.shapes import render, word_identity
 from fastdiff.models.train_digits import alphas_cumprod, optimizer_step_with_ema
 
 CHECKPOINT = "checkpoint.pt"
@@ -115,7 +115,7 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
           unet_config: dict | None = None, text_config: dict | None = None, vae: str | os.PathLike | None = None,
           repa_weight: float = 0.0, repa_layer: str = "mid_block", eval_every: int = 0,
           curve: str | os.PathLike | None = None, eval_steps: int = 10, eval_seeds: tuple[int, ...] = (0, 1),
-          word_loss_weight: float = 0.1):
+          word_loss_weight: float = word_identity.DEFAULT_WEIGHT):
     """Train (or resume) the UNet and text encoder; write the EMA weights to ``out`` (default: the package's
     ``weights/shapes``) with :func:`pipeline.save_components`. ``vae``: a VAE folder (``train shapes-vae --out
     DIR``) to learn the latent space of instead of the shipped one; it is copied to ``out/vae`` so that ``out`` is
@@ -135,7 +135,6 @@ def train(steps: int = 3000, batch_size: int = 64, lr: float = 8e-4, seed: int =
     from tqdm.auto import tqdm
 
     from fastdiff.models import repa
-    from fastdiff.models.shapes import word_identity
 
     out = Path(out) if out is not None else P.PIPELINE_DIR
     check_writable(out, "dir")
@@ -331,9 +330,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="representation alignment weight lambda (0: off; REPA's default is 0.5)")
     p.add_argument("--repa-layer", default="mid_block",
                    help="UNet block aligned to the VAE encoder's features: down_blocks.0/1/2 or mid_block")
-    p.add_argument("--word-loss-weight", type=cli_number(minimum=0.0), default=0.1,
+    p.add_argument("--word-loss-weight", type=cli_number(minimum=0.0), default=word_identity.DEFAULT_WEIGHT,
                    help="weight of the loss that keeps the caption's words recoverable from the text encoder's output "
-                   "(default 0.1; 0: off, the shipped teacher's loop; see fastdiff.models.shapes.word_identity)")
+                   "(default %(default)s; 0: off, the shipped teacher's loop; see "
+                   "fastdiff.models.shapes.word_identity)")
     p.add_argument("--eval-every", type=cli_int(0), default=0,
                    help="judge the EMA weights every K steps (one- / two-object, FD) and write --curve (0: never)")
     p.add_argument("--eval-steps", type=cli_int(1), default=10, help="sampler steps of each curve point")
